@@ -1,0 +1,80 @@
+"""Tensor-only, positional modules around M2SE: what the ONNX files compute (STYLE 3 and 7).
+
+    Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, 2d)
+    ItemTower(model)(text, text_mask, image, image_mask)  -> table (n, 2d), inputs (n, 2d)
+    HistoryEncoder(model)(inputs, lengths)                -> user (B, 2d)
+
+Histories are right-padded with item 0 (train/model.py). The concatenations below spell out
+`serving_table` and `user_vector` so that the exported graphs keep a static 2d axis (a Flatten
+would leave it symbolic); parity checks them against those functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train.model import M2SE, ItemFeatures
+
+
+def _concat_normalized(text: Tensor, image: Tensor) -> Tensor:
+    """[x_text / |x_text|, x_image / |x_image|] along the last axis."""
+    return torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1)
+
+
+class Scorer(nn.Module):
+    """Item-ID histories -> top-k items over the catalogue folded into the graph."""
+
+    def __init__(self, model: M2SE, inputs: Tensor, k: int):
+        super().__init__()
+        self.model = model
+        self.k = k
+        self.register_buffer("inputs", inputs.detach().clone())  # (2, N + 1, d)
+        table = _concat_normalized(inputs[0], inputs[1])  # (N + 1, 2d)
+        self.register_buffer("table_t", table.detach().t().contiguous())  # (2d, N + 1)
+        # -inf on the padding column, so it can never enter the top k (k <= N); an additive
+        # bias rather than an in-place write keeps the graph a plain MatMul + Add + TopK.
+        pad_bias = torch.zeros(inputs.shape[1])
+        pad_bias[0] = float("-inf")
+        self.register_buffer("pad_bias", pad_bias)
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.model.encode_history(ids, self.inputs)  # (2, B, d)
+        user = _concat_normalized(h[0], h[1])  # (B, 2d)
+        scores, items = torch.topk(user @ self.table_t + self.pad_bias, self.k, dim=-1)
+        return scores, items, user
+
+
+class ItemTower(nn.Module):
+    """Feature slots of new items -> their serving rows and sequence-input vectors, features only.
+
+    Items unseen in training have no ID embedding (SPEC section 4), so both outputs come from
+    the feature-only vectors z: table = [z_text/|z_text|, z_image/|z_image|], inputs = [z_text, z_image]."""
+
+    def __init__(self, model: M2SE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor]:
+        feats = ItemFeatures(text, text_mask, image, image_mask)
+        z = [self.model.adaptor[m](self.model.pool_items(feats, m)) for m in range(2)]  # 2 x (n, d)
+        return _concat_normalized(z[0], z[1]), torch.cat(z, dim=-1)
+
+
+class HistoryEncoder(nn.Module):
+    """Sequence-input vectors of a right-padded history (any items, new ones included) -> user vector.
+
+    `inputs` (B, L, 2d) holds per position [input_text, input_image] (zeros at padding), e.g. rows
+    of the artifact's item_inputs.npy or the item tower's `inputs` output; `lengths` (B,) counts
+    the real positions."""
+
+    def __init__(self, model: M2SE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor, lengths: Tensor) -> Tensor:
+        b = inputs.shape[0]
+        x = torch.cat(inputs.chunk(2, dim=-1), dim=0)  # (2B, L, d): text rows, then image rows
+        h = self.model.encode_sequence(x, lengths.repeat(2))  # (2B, d)
+        return _concat_normalized(h[:b], h[b:])

@@ -1,0 +1,232 @@
+"""Training stages with early stopping, per-epoch resumable state, and evaluation.
+
+Run directory:
+    run.json                       what the run was started with (resume checks it matches)
+    stages/<stage>/last.safetensors, best.safetensors, state.json
+    checkpoint/                    the selected model (train/checkpoint.py)
+    metrics.json, curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.io import atomic_write, write_json_atomic
+from train import config as config_lib
+from train.checkpoint import load_state, state_tensors
+from train.config import Config, StageConfig
+from train.data.types import Split, SplitData
+from train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
+from train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from train.tasks import finetune_loss, full_scores, pretrain_loss
+
+SELECT_METRIC = "recall@20"
+
+
+@dataclass
+class StageResult:
+    best_epoch: int
+    valid: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    sequences_per_second: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: M2SE, feats: ItemFeatures, split: Split, batch_size: int,
+    id_emb: ItemIdEmbedding | None = None,
+) -> dict[str, float]:
+    """Full ranking of every item for each history of `split` (SPEC section 5)."""
+    model.eval()
+    dev = feats.text.device
+    z = model.encode_items(feats)  # once per evaluation, gathered by id afterwards
+    acc = RankAccumulator()
+    for start in range(0, len(split), batch_size):
+        ids = torch.as_tensor(split.histories[start : start + batch_size], device=dev)
+        targets = torch.as_tensor(split.targets[start : start + batch_size], device=dev)
+        acc.add(full_scores(model, feats, ids, id_emb, z), targets)
+    return acc.result()
+
+
+def evaluate_popularity(data: SplitData, split: Split) -> dict[str, float]:
+    scores = popularity_scores(data.train_counts)[None].expand(len(split), -1)
+    return metrics_from_ranks(target_ranks(scores, torch.as_tensor(split.targets)).numpy())
+
+
+def _batches(split: Split, batch_size: int, rng: np.random.Generator):
+    order = rng.permutation(len(split))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield split.histories[idx], split.targets[idx]
+
+
+class StageRunner:
+    """Runs one stage (pretrain or finetune) with early stopping and per-epoch checkpoints."""
+
+    def __init__(
+        self, name: str, stage_cfg: StageConfig, cfg: Config, model: M2SE,
+        id_emb: ItemIdEmbedding | None, feats: ItemFeatures, data: SplitData, directory: Path,
+        progress: bool = True,
+    ):
+        self.name, self.stage_cfg, self.cfg = name, stage_cfg, cfg
+        self.model, self.id_emb, self.feats, self.data = model, id_emb, feats, data
+        self.dir = directory
+        self.progress = progress
+        params = list(model.parameters()) + (list(id_emb.parameters()) if id_emb else [])
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
+        )
+        self.generator = torch.Generator(device=feats.text.device).manual_seed(cfg.train.seed)
+        self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best": -1.0, "history": [], "done": False}
+
+    # -- persistence -------------------------------------------------------------------------
+    def _save(self, file: str, with_optimizer: bool) -> None:
+        tensors = state_tensors(self.model, self.id_emb)
+        if with_optimizer:
+            for i, p in enumerate(self.params):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors["rng.generator"] = self.generator.get_state().cpu()
+            tensors["rng.torch"] = torch.get_rng_state()
+        atomic_write(self.dir / file, lambda p: save_file(tensors, str(p)))
+
+    def resume(self) -> bool:
+        """Load the last completed epoch if there is one; True when the stage already finished."""
+        state_file = self.dir / "state.json"
+        if not state_file.is_file():
+            return False
+        self.state = json.loads(state_file.read_text())
+        tensors = load_file(str(self.dir / "last.safetensors"), device=str(self.feats.text.device))
+        load_state(tensors, self.model, self.id_emb)
+        for i, p in enumerate(self.params):
+            slots = {k.split(".")[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if slots:
+                self.optimizer.state[p] = slots
+        self.generator.set_state(tensors["rng.generator"].cpu())
+        torch.set_rng_state(tensors["rng.torch"].cpu())
+        return bool(self.state["done"])
+
+    def load_best(self) -> None:
+        tensors = load_file(str(self.dir / "best.safetensors"), device=str(self.feats.text.device))
+        load_state(tensors, self.model, self.id_emb)
+
+    # -- training ----------------------------------------------------------------------------
+    def _loss(self, ids: torch.Tensor, targets: torch.Tensor):
+        if self.name == "pretrain":
+            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator)
+        return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train)
+
+    def _epoch(self, epoch: int) -> tuple[float, float]:
+        self.model.train()
+        if self.id_emb is not None:
+            self.id_emb.train()
+        dev = self.feats.text.device
+        rng = np.random.default_rng(self.cfg.train.seed * 100_003 + epoch)
+        n = len(self.data.train)
+        total, count, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(
+            _batches(self.data.train, self.stage_cfg.batch_size, rng),
+            total=math.ceil(n / self.stage_cfg.batch_size), desc=f"{self.name} {epoch}",
+            unit="batch", disable=not self.progress, leave=False, file=sys.stderr,
+        )
+        for hist, targets in bar:
+            ids = torch.as_tensor(hist, device=dev)
+            tgt = torch.as_tensor(targets, device=dev)
+            loss, _ = self._loss(ids, tgt)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{self.name}: non-finite loss at epoch {epoch}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.stage_cfg.grad_clip)
+            self.optimizer.step()
+            total += float(loss.detach()) * len(tgt)
+            count += len(tgt)
+            bar.set_postfix(loss=f"{total / count:.4f}", seq_s=f"{count / (time.perf_counter() - start):.0f}", refresh=False)
+        return total / max(count, 1), count / (time.perf_counter() - start)
+
+    def run(self) -> StageResult:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sc = self.stage_cfg
+        t0 = time.perf_counter()
+        throughputs = []
+        while not self.state["done"]:
+            epoch = self.state["epoch"] + 1
+            loss, seq_per_s = self._epoch(epoch)
+            throughputs.append(seq_per_s)
+            valid = evaluate(self.model, self.feats, self.data.valid, self.cfg.train.eval_batch_size, self.id_emb)
+            self.state["history"].append({"epoch": epoch, "loss": loss, "valid": valid, "seq_per_s": seq_per_s})
+            improved = valid[SELECT_METRIC] > self.state["best"]
+            if improved:
+                self.state.update(best=valid[SELECT_METRIC], best_epoch=epoch)
+                self._save("best.safetensors", with_optimizer=False)
+            self.state["epoch"] = epoch
+            self.state["done"] = epoch >= sc.epochs or epoch - self.state["best_epoch"] >= sc.patience
+            if self.progress:
+                mark = " *" if improved else ""
+                print(f"{self.name} epoch {epoch:3d}  loss {loss:.4f}  valid {SELECT_METRIC} "
+                      f"{valid[SELECT_METRIC]:.4f}  ndcg@10 {valid['ndcg@10']:.4f}  "
+                      f"{seq_per_s:.0f} seq/s{mark}", file=sys.stderr)
+            # Last state after best: a kill between the two writes resumes from a consistent pair.
+            self._save("last.safetensors", with_optimizer=True)
+            write_json_atomic(self.dir / "state.json", self.state)
+        self.load_best()
+        best = self.state["history"][self.state["best_epoch"] - 1]
+        speeds = [h["seq_per_s"] for h in self.state["history"]]
+        return StageResult(
+            best_epoch=self.state["best_epoch"], valid=best["valid"], history=self.state["history"],
+            seconds=time.perf_counter() - t0, sequences_per_second=float(np.median(speeds)),
+        )
+
+
+def run_fingerprint(cfg: Config, data_key: str, features_sha: str, stage: str) -> dict[str, Any]:
+    return {"config": config_lib.to_dict(cfg), "data": data_key, "features_sha256": features_sha, "stage": stage}
+
+
+def check_or_write_run(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; refuse to resume a different run."""
+    run_file = out / "run.json"
+    if run_file.is_file():
+        if overwrite:
+            import shutil
+
+            for sub in ("stages", "checkpoint", "run.json", "metrics.json", "curves.png"):
+                target = out / sub
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        elif not resume:
+            raise UserError(f"{out} already holds a training run; pass --resume to continue it "
+                            "or --overwrite to start again (or choose another --out)")
+        else:
+            previous = json.loads(run_file.read_text())
+            if previous != json.loads(json.dumps(fingerprint)):
+                changed = [k for k in fingerprint if previous.get(k) != json.loads(json.dumps(fingerprint[k]))]
+                raise UserError(f"--resume: {out} was started with a different {', '.join(changed)}; "
+                                "use --overwrite or another --out")
+            return
+    write_json_atomic(run_file, fingerprint)

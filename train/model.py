@@ -1,0 +1,208 @@
+"""M2SE: the MP4SR backbone (SPEC section 2). Tensors in, tensors out: no I/O, no losses.
+
+Serving split (SPEC section 4):
+    z = model.encode_items(feats)                     # (2, N + 1, d): per-modality item vectors
+    inputs = with_ids(z, id_emb, known)               # fine-tuned models add item-ID embeddings
+    h = model.encode_history(ids, inputs)             # (2, B, d): user vector per modality
+    scores = score(h, candidates(inputs))             # (B, N + 1): cos(text) + cos(image)
+Modality 0 is text, modality 1 is image. Item index 0 is padding; histories are right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train.config import ModelConfig
+
+MODALITIES = ("text", "image")
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Per-item feature slots for the whole catalogue, row 0 being the padding item."""
+
+    text: Tensor  # (N + 1, S, F)
+    text_mask: Tensor  # (N + 1, S) bool
+    image: Tensor  # (N + 1, V, F)
+    image_mask: Tensor  # (N + 1, V) bool
+
+    def to(self, device: torch.device | str) -> ItemFeatures:
+        return ItemFeatures(*(t.to(device) for t in (self.text, self.text_mask, self.image, self.image_mask)))
+
+    def modality(self, m: int) -> tuple[Tensor, Tensor]:
+        return (self.text, self.text_mask) if m == 0 else (self.image, self.image_mask)
+
+
+class AttentionPool(nn.Module):
+    """alpha = softmax(W2 (W1 x + b1) + b2) over the slot axis, masked slots excluded."""
+
+    def __init__(self, feat_dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(feat_dim, hidden)
+        self.w2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        logits = self.w2(self.w1(x)).squeeze(-1)  # (N, S)
+        # finfo.min rather than -inf: a row with no slot stays finite (its output is replaced
+        # by the learned missing vector by the caller).
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        alpha = torch.softmax(logits, dim=-1)
+        return torch.einsum("ns,nsf->nf", alpha, x)  # (N, F)
+
+
+class MoEAdaptor(nn.Module):
+    """Dense mixture of experts F -> d; every expert is LayerNorm(Dropout(Linear)).
+
+    The experts are one batched matrix product: weight (E, F, d)."""
+
+    def __init__(self, feat_dim: int, d: int, n_experts: int, dropout: float, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, feat_dim, d))
+        self.bias = nn.Parameter(torch.zeros(n_experts, d))
+        self.ln_weight = nn.Parameter(torch.ones(n_experts, d))
+        self.ln_bias = nn.Parameter(torch.zeros(n_experts, d))
+        # Zero-initialised gate: uniform mixture at the start (SPEC section 2).
+        self.gate = nn.Parameter(torch.zeros(feat_dim, n_experts))
+        self.dropout = nn.Dropout(dropout)
+        self.eps = eps
+        bound = feat_dim**-0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.einsum("nf,efd->ned", x, self.weight) + self.bias  # (N, E, d)
+        y = F.layer_norm(self.dropout(y), y.shape[-1:], eps=self.eps)
+        y = y * self.ln_weight + self.ln_bias
+        gate = torch.softmax(x @ self.gate, dim=-1)  # (N, E)
+        return torch.einsum("ne,ned->nd", gate, y)
+
+
+class Block(nn.Module):
+    """Post-LN causal transformer layer (SASRec / RecBole layout) on scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d, 3 * cfg.d)
+        self.out = nn.Linear(cfg.d, cfg.d)
+        self.ln1 = nn.LayerNorm(cfg.d, eps=cfg.layer_norm_eps)
+        self.ff1 = nn.Linear(cfg.d, cfg.inner)
+        self.ff2 = nn.Linear(cfg.inner, cfg.d)
+        self.ln2 = nn.LayerNorm(cfg.d, eps=cfg.layer_norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, length, d = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, d // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d / H)
+        # Causal only, no key-padding mask: with right padding a real position never sees a
+        # pad, and a pad position always sees position 0, so no row is fully masked (no NaN).
+        a = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        a = a.transpose(1, 2).reshape(b, length, d)
+        x = self.ln1(x + F.dropout(self.out(a), self.dropout, self.training))
+        ff = self.ff2(F.gelu(self.ff1(x)))
+        return self.ln2(x + F.dropout(ff, self.dropout, self.training))
+
+
+class M2SE(nn.Module):
+    """Multimodal item encoder + shared sequence encoder."""
+
+    def __init__(self, cfg: ModelConfig, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.feat_dim = feat_dim
+        self.pool = nn.ModuleList(AttentionPool(feat_dim, cfg.pool_hidden) for _ in MODALITIES)
+        self.missing = nn.Parameter(torch.randn(len(MODALITIES), feat_dim) * 0.02)
+        self.adaptor = nn.ModuleList(
+            MoEAdaptor(feat_dim, cfg.d, cfg.n_experts, cfg.adaptor_dropout, cfg.layer_norm_eps)
+            for _ in MODALITIES
+        )
+        self.position = nn.Embedding(cfg.max_len, cfg.d)
+        self.input_ln = nn.LayerNorm(cfg.d, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def pool_items(self, feats: ItemFeatures, m: int) -> Tensor:
+        """Attention-pool one modality's slots: (N + 1, F); items without any slot get `missing`."""
+        x, mask = feats.modality(m)
+        pooled = self.pool[m](x, mask)
+        return torch.where(mask.any(-1, keepdim=True), pooled, self.missing[m])
+
+    def encode_items(self, feats: ItemFeatures, detach_pool: bool = False) -> Tensor:
+        """Item vectors of the whole catalogue, (2, N + 1, d), row 0 (padding) zero.
+
+        Computed once per step and gathered by id afterwards: the experts see each item once
+        rather than once per history position, so expert dropout acts per item, not per position.
+        `detach_pool` reproduces the reference, whose pooling weights never receive gradients."""
+        out = []
+        for m in range(len(MODALITIES)):
+            pooled = self.pool_items(feats, m)
+            if detach_pool:
+                pooled = pooled.detach()
+            out.append(self.adaptor[m](pooled))
+        z = torch.stack(out)  # (2, N + 1, d)
+        return z.index_fill(1, torch.zeros(1, dtype=torch.long, device=z.device), 0.0)
+
+    def encode_sequence(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Encode right-padded input vectors (B, L, d) -> hidden state at the last real position (B, d)."""
+        length = x.shape[1]
+        pos = self.position(torch.arange(length, device=x.device))  # (L, d)
+        h = self.input_ln(F.dropout(x + pos, self.cfg.dropout, self.training))
+        for block in self.blocks:
+            h = block(h)
+        last = (lengths - 1).clamp(min=0)  # an empty history reads position 0 (finite, unused)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def encode_history(self, ids: Tensor, inputs: Tensor) -> Tensor:
+        """ids (B, L) right-padded, inputs (2, N + 1, d) -> user vectors (2, B, d).
+
+        Both modalities go through the shared encoder as one batch of 2B sequences."""
+        b = ids.shape[0]
+        lengths = (ids != 0).sum(-1)
+        x = inputs[:, ids].flatten(0, 1)  # (2B, L, d)
+        return self.encode_sequence(x, lengths.repeat(2)).view(2, b, -1)
+
+
+class ItemIdEmbedding(nn.Module):
+    """Fine-tuning's item-ID embedding, N(0, 0.02); only items seen in training use it."""
+
+    def __init__(self, num_items: int, d: int, known: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_items + 1, d) * 0.02)
+        # Items never seen in training (and padding) have no trained ID row: features only.
+        self.register_buffer("known", known.bool().clone(), persistent=True)
+
+    def forward(self) -> Tensor:
+        return self.weight * self.known[:, None]
+
+
+def with_ids(z: Tensor, id_rows: Tensor | None) -> Tensor:
+    """Sequence-input and candidate vectors: z (2, N + 1, d) plus the ID rows (N + 1, d) if any."""
+    return z if id_rows is None else z + id_rows
+
+
+def candidates(inputs: Tensor) -> Tensor:
+    """Normalised candidate vectors c_m[j], (2, N + 1, d)."""
+    return F.normalize(inputs, dim=-1)
+
+
+def score(h: Tensor, cands: Tensor) -> Tensor:
+    """cos(h_text, c_text[j]) + cos(h_image, c_image[j]) -> (B, N + 1); the padding column is -inf."""
+    s = torch.einsum("mbd,mnd->bn", F.normalize(h, dim=-1), cands)
+    s[:, 0] = float("-inf")
+    return s
+
+
+def serving_table(inputs: Tensor) -> Tensor:
+    """t_j = [c_text[j], c_image[j]]: (N + 1, 2d), so that score = u . t_j (SPEC section 4)."""
+    return candidates(inputs).permute(1, 0, 2).flatten(1)
+
+
+def user_vector(h: Tensor) -> Tensor:
+    """u = [h_text / |h_text|, h_image / |h_image|]: (B, 2d)."""
+    return F.normalize(h, dim=-1).permute(1, 0, 2).flatten(1)

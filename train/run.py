@@ -1,0 +1,177 @@
+"""`mp4sr-rt train`: data -> features -> pre-training -> fine-tuning -> checkpoint + metrics."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.io import atomic_write, write_json_atomic
+from train.checkpoint import Checkpoint, file_sha256, save_checkpoint
+from train.config import Config
+from train.data import default_demo_dir, demo_features, generate_demo, load_or_preprocess
+from train.data.types import SplitData
+from train.features.store import align, read_features
+from train.loop import (
+    StageResult, StageRunner, check_or_write_run, evaluate, evaluate_popularity, resolve_device,
+    run_fingerprint,
+)
+from train.model import M2SE, ItemFeatures, ItemIdEmbedding
+
+STAGES = ("all", "pretrain", "finetune")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_inputs(data: Path | None, features: Path | None) -> tuple[Path, Path]:
+    """Data and features paths; the built-in demo dataset when no data is given."""
+    if data is None:
+        data = generate_demo(default_demo_dir())
+        if features is None:
+            features = data / "features.safetensors"
+            if not features.is_file():
+                demo_features(data, features)
+    elif features is None:
+        raise UserError("--features is required with --data (the features file from `mp4sr-rt features`)")
+    if not Path(data).exists():
+        raise UserError(f"data not found: {data}")
+    return Path(data), Path(features)
+
+
+def load_item_features(path: Path, data: SplitData, device: torch.device) -> tuple[ItemFeatures, dict]:
+    arrays = read_features(path)
+    rows = align(arrays, data.item_ids, str(path))
+    feats = ItemFeatures(
+        torch.as_tensor(rows["text_feats"], dtype=torch.float32),
+        torch.as_tensor(rows["text_mask"]).bool(),
+        torch.as_tensor(rows["image_feats"], dtype=torch.float32),
+        torch.as_tensor(rows["image_mask"]).bool(),
+    )
+    return feats.to(device), arrays.meta
+
+
+def train(
+    cfg: Config, data: Path | None = None, features: Path | None = None,
+    out: Path = Path("mp4sr-out"), stage: str = "all", device: str = "auto",
+    resume: bool = False, overwrite: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.train.seed)
+    data_path, features_path = resolve_inputs(data, features)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
+    feats, feat_meta = load_item_features(features_path, split, dev)
+    features_sha = file_sha256(features_path)
+    check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha, stage), resume, overwrite)
+    log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
+        f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
+        f"({feat_meta.get('encoder', '?')}) | device {dev}")
+    if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("encoder") != "demo-latent":
+        log("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
+
+    t0 = time.perf_counter()
+    popularity = {"valid": evaluate_popularity(split, split.valid), "test": evaluate_popularity(split, split.test)}
+    model = M2SE(cfg.model, feats.text.shape[-1]).to(dev)
+    results: dict[str, StageResult] = {}
+    if stage in ("all", "pretrain"):
+        runner = StageRunner("pretrain", cfg.train.pretrain, cfg, model, None, feats, split,
+                             out / "stages" / "pretrain", progress)
+        if resume and runner.resume():
+            log("pretrain: finished earlier, loading its best epoch")
+        results["pretrain"] = runner.run()
+    id_emb = None
+    if stage in ("all", "finetune"):
+        pretrained = out / "stages" / "pretrain" / "best.safetensors"
+        if stage == "finetune" and not pretrained.is_file():
+            log("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
+        known = torch.as_tensor(split.train_counts > 0)
+        id_emb = ItemIdEmbedding(split.num_items, cfg.model.d, known).to(dev)
+        runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
+                             out / "stages" / "finetune", progress)
+        if resume and runner.resume():
+            log("finetune: finished earlier, loading its best epoch")
+        results["finetune"] = runner.run()
+
+    final = "finetune" if "finetune" in results else "pretrain"
+    test = evaluate(model, feats, split.test, cfg.train.eval_batch_size, id_emb)
+    model.eval()
+    with torch.inference_mode():
+        z = model.encode_items(feats)
+    meta = {
+        "stage": final,
+        "item_ids": list(split.item_ids),
+        "train_counts": split.train_counts.tolist(),
+        "features": {"path": str(features_path.resolve()), "sha256": features_sha,
+                     **{k: v for k, v in feat_meta.items() if k != "item_ids"}},
+        "data": str(data_path.resolve()),
+    }
+    save_checkpoint(out / "checkpoint", Checkpoint(cfg, model, id_emb, z, meta))
+    metrics = build_metrics(results, final, test, popularity, time.perf_counter() - t0)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_curves(out / "curves.png", results)
+    log(summary(metrics, out))
+    return metrics
+
+
+def build_metrics(results, final, test, popularity, seconds) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for name, r in results.items():
+        metrics[name] = {
+            "best_epoch": r.best_epoch, "epochs": len(r.history), "valid": r.valid,
+            "sequences_per_second": r.sequences_per_second,
+            "curve": [{"epoch": h["epoch"], "loss": h["loss"], "valid_recall@20": h["valid"]["recall@20"]}
+                      for h in r.history],
+        }
+    metrics[final]["test"] = test
+    metrics["baselines"] = {"popularity": popularity}
+    metrics["seconds"] = seconds
+    return metrics
+
+
+def summary(metrics: dict[str, Any], out: Path) -> str:
+    final = "finetune" if "finetune" in metrics else "pretrain"
+    test, pop = metrics[final]["test"], metrics["baselines"]["popularity"]["test"]
+    lines = [f"\n== mp4sr-rt train: {out} ({metrics['seconds']:.0f} s) =="]
+    for name in ("pretrain", "finetune"):
+        if name in metrics:
+            m = metrics[name]
+            lines.append(f"{name:9s} best epoch {m['best_epoch']}/{m['epochs']}  valid recall@20 "
+                         f"{m['valid']['recall@20']:.4f}  {m['sequences_per_second']:.0f} seq/s")
+    lines.append(f"{'test':12s}{'recall@10':>10s}{'ndcg@10':>10s}{'recall@20':>10s}{'ndcg@20':>10s}")
+    for name, t in ((f"MP4SR ({final})", test), ("popularity", pop)):
+        lines.append(f"{name:12s}" + "".join(f"{t[k]:10.4f}" for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")))
+    ratio = test["ndcg@10"] / pop["ndcg@10"] if pop["ndcg@10"] > 0 else float("inf")
+    lines.append(f"NDCG@10 vs popularity: {ratio:.2f}x | checkpoint: {out / 'checkpoint'}")
+    return "\n".join(lines)
+
+
+def write_curves(path: Path, results: dict[str, StageResult]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, r in results.items():
+        epochs = [h["epoch"] for h in r.history]
+        axes[0].plot(epochs, [h["loss"] for h in r.history], marker="o", label=name)
+        axes[1].plot(epochs, [h["valid"]["recall@20"] for h in r.history], marker="o", label=name)
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="validation Recall@20", xlabel="epoch")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+

@@ -1,0 +1,106 @@
+"""Pre-training and fine-tuning: the losses that wrap M2SE (SPEC sections 3 and 4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from train.config import TrainConfig
+from train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, score, with_ids
+
+
+def random_drop(ids: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """Drop each history position with probability `ratio` (never the first), compact left."""
+    b, length = ids.shape
+    pos = torch.arange(length, device=ids.device)
+    rand = torch.rand(b, length, device=ids.device, generator=generator)
+    keep = (ids != 0) & ((rand >= ratio) | (pos == 0))
+    # Stable compaction: kept positions first in their original order, then the dropped ones.
+    order = torch.argsort((~keep).long() * length + pos, dim=1)
+    return torch.where(keep.gather(1, order), ids.gather(1, order), torch.zeros_like(ids))
+
+
+def same_target_mask(targets: Tensor) -> Tensor:
+    """(B, B) True where two different sequences share a target: they are not negatives."""
+    same = targets[:, None] == targets[None, :]
+    return same & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+
+
+def _exclude(logits: Tensor, mask: Tensor, quirks: bool) -> Tensor:
+    # The reference sets such logits to 0, which still counts exp(0) in the denominator.
+    return logits.masked_fill(mask, 0.0 if quirks else float("-inf"))
+
+
+def nip_loss(h: Tensor, e: Tensor, targets: Tensor, tau: float, quirks: bool = False) -> Tensor:
+    """In-batch InfoNCE between normalised user vectors h (B, d) and target vectors e (B, d)."""
+    logits = _exclude(h @ e.T / tau, same_target_mask(targets), quirks)
+    return F.cross_entropy(logits, torch.arange(len(h), device=h.device))
+
+
+def cmcl_loss(h_text: Tensor, h_image: Tensor, targets: Tensor, tau: float, quirks: bool = False) -> Tensor:
+    """NT-Xent: positive (h_text[i], h_image[i]); negatives the other 2B - 2 vectors, except
+    those of sequences sharing the target. Averaged over both directions."""
+    b = len(h_text)
+    reps = torch.cat([h_text, h_image])  # (2B, d)
+    logits = reps @ reps.T / tau
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=reps.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    logits = _exclude(logits, same_target_mask(targets).repeat(2, 2), quirks)
+    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(reps.device)
+    return F.cross_entropy(logits, positives)
+
+
+def pretrain_loss(
+    model: M2SE, feats: ItemFeatures, ids: Tensor, targets: Tensor, cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Item drop, complementary sequence mixup, NIP per modality and CMCL (SPEC section 3)."""
+    dev = ids.device
+    draw = lambda: float(torch.rand((), generator=generator))  # noqa: E731
+    if cfg.drop_max > 0:
+        ids = random_drop(ids, draw() * cfg.drop_max, generator)
+    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (2, N + 1, d)
+    seq = z[:, ids]  # (2, B, L, d)
+    if cfg.use_mixup:
+        p = draw() * cfg.mixup_max
+        m = (torch.rand(ids.shape, device=dev, generator=generator) < p) & (ids != 0)
+        m = m[None, ..., None].float()  # (1, B, L, 1)
+        seq = m * seq.flip(0) + (1 - m) * seq  # the same positions swapped both ways
+    lengths = (ids != 0).sum(-1)
+    h = model.encode_sequence(seq.flatten(0, 1), lengths.repeat(2)).view(2, len(ids), -1)
+    h = F.normalize(h, dim=-1)
+    e = F.normalize(z[:, targets], dim=-1)  # (2, B, d)
+    q = cfg.reference_quirks
+    parts = {}
+    loss = torch.zeros((), device=dev)
+    if cfg.use_nip:
+        for m_idx, name in enumerate(("text", "image")):
+            parts[f"nip_{name}"] = nip_loss(h[m_idx], e[m_idx], targets, cfg.tau, q)
+            loss = loss + parts[f"nip_{name}"]
+    if cfg.cmcl_weight > 0:
+        parts["cmcl"] = cmcl_loss(h[0], h[1], targets, cfg.tau, q)
+        loss = loss + cfg.cmcl_weight * parts["cmcl"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def full_scores(
+    model: M2SE, feats: ItemFeatures, ids: Tensor, id_emb: ItemIdEmbedding | None = None,
+    z: Tensor | None = None,
+) -> Tensor:
+    """Scores of every item for each history (B, N + 1); pass `z` to reuse item vectors."""
+    if z is None:
+        z = model.encode_items(feats)
+    inputs = with_ids(z, None if id_emb is None else id_emb())
+    return score(model.encode_history(ids, inputs), candidates(inputs))
+
+
+def finetune_loss(
+    model: M2SE, id_emb: ItemIdEmbedding, feats: ItemFeatures, ids: Tensor, targets: Tensor,
+    cfg: TrainConfig,
+) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of score / tau over the full catalogue (padding column excluded)."""
+    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)
+    logits = full_scores(model, feats, ids, id_emb, z) / cfg.tau
+    loss = F.cross_entropy(logits, targets)
+    return loss, {"ce": float(loss.detach())}
