@@ -65,7 +65,9 @@ def evaluate(
     z = model.encode_items(feats)  # once per evaluation, gathered by id afterwards
     acc = RankAccumulator()
     for start in range(0, len(split), batch_size):
-        ids = torch.as_tensor(split.histories[start : start + batch_size], device=dev)
+        hist = split.histories[start : start + batch_size]
+        width = max(int((hist != 0).sum(1).max()), 1)  # trailing padding changes nothing
+        ids = torch.as_tensor(hist[:, :width], device=dev)
         targets = torch.as_tensor(split.targets[start : start + batch_size], device=dev)
         acc.add(full_scores(model, feats, ids, id_emb, z), targets)
     return acc.result()
@@ -76,11 +78,23 @@ def evaluate_popularity(data: SplitData, split: Split) -> dict[str, float]:
     return metrics_from_ranks(target_ranks(scores, torch.as_tensor(split.targets)).numpy())
 
 
-def _batches(split: Split, batch_size: int, rng: np.random.Generator):
+def _batches(split: Split, batch_size: int, rng: np.random.Generator, bucket: int = 32):
+    """Shuffled batches of similar history length, trimmed to their longest history.
+
+    Right padding makes trimming exact (positions count from the left). Sorting by length within
+    random groups of `bucket` batches keeps batches random while skipping most of the padding."""
     order = rng.permutation(len(split))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield split.histories[idx], split.targets[idx]
+    lengths = (split.histories != 0).sum(1)
+    group = batch_size * bucket
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = order[start : start + group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    for b in rng.permutation(len(batches)):
+        idx = batches[b]
+        width = max(int(lengths[idx].max()), 1)
+        yield split.histories[idx, :width], split.targets[idx]
 
 
 class StageRunner:
@@ -165,7 +179,8 @@ class StageRunner:
             self.optimizer.step()
             total += float(loss.detach()) * len(tgt)
             count += len(tgt)
-            bar.set_postfix(loss=f"{total / count:.4f}", seq_s=f"{count / (time.perf_counter() - start):.0f}", refresh=False)
+            speed = count / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / count:.4f}", seq_s=f"{speed:.0f}", refresh=False)
         return total / max(count, 1), count / (time.perf_counter() - start)
 
     def run(self) -> StageResult:
@@ -177,7 +192,9 @@ class StageRunner:
             epoch = self.state["epoch"] + 1
             loss, seq_per_s = self._epoch(epoch)
             throughputs.append(seq_per_s)
-            valid = evaluate(self.model, self.feats, self.data.valid, self.cfg.train.eval_batch_size, self.id_emb)
+            valid = evaluate(
+                self.model, self.feats, self.data.valid, self.cfg.train.eval_batch_size, self.id_emb
+            )
             self.state["history"].append({"epoch": epoch, "loss": loss, "valid": valid, "seq_per_s": seq_per_s})
             improved = valid[SELECT_METRIC] > self.state["best"]
             if improved:

@@ -38,12 +38,15 @@ class ItemFeatures:
 
 
 class AttentionPool(nn.Module):
-    """alpha = softmax(W2 (W1 x + b1) + b2) over the slot axis, masked slots excluded."""
+    """alpha = softmax(W2 (W1 x + b1) + b2) over the slot axis, masked slots excluded.
+
+    b1 and b2 add the same constant to every slot's logit, which the softmax cancels: they could
+    never receive a gradient, so they are left out (the function computed is the same)."""
 
     def __init__(self, feat_dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(feat_dim, hidden)
-        self.w2 = nn.Linear(hidden, 1)
+        self.w1 = nn.Linear(feat_dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         logits = self.w2(self.w1(x)).squeeze(-1)  # (N, S)

@@ -17,7 +17,12 @@ from train.data import default_demo_dir, demo_features, generate_demo, load_or_p
 from train.data.types import SplitData
 from train.features.store import align, read_features
 from train.loop import (
-    StageResult, StageRunner, check_or_write_run, evaluate, evaluate_popularity, resolve_device,
+    StageResult,
+    StageRunner,
+    check_or_write_run,
+    evaluate,
+    evaluate_popularity,
+    resolve_device,
     run_fingerprint,
 )
 from train.model import M2SE, ItemFeatures, ItemIdEmbedding

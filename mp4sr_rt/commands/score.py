@@ -1,10 +1,103 @@
-"""`mp4sr-rt score`."""
+"""`mp4sr-rt score`: top-k recommendations for the histories of a JSON file, as JSON on stdout.
+
+    mp4sr-rt score examples/history.json --artifacts mp4sr-out/artifacts -k 10
+    echo '["item00012", "item00007"]' | mp4sr-rt score -
+
+Output: a JSON list, one result per history in input order:
+    {"user": ..., "items": [...], "scores": [...], "unknown_items": [...],
+     "fallback": null | "popular"}
+With --skip-invalid, an entry that is not a valid history becomes {"user": ..., "error": "..."}.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
+from mp4sr_rt.commands import user_errors
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.histories import HistoryRequest, InvalidEntry, parse_histories
 
-def score() -> None:
-    """Not available yet."""
-    raise typer.Exit(3)
+if TYPE_CHECKING:
+    from mp4sr_rt.scorer import Recommendation
+
+MAX_LISTED = 5  # invalid entries named in the error message; the rest are counted
+DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
+
+
+@user_errors
+def score(
+    history_file: Annotated[str, typer.Argument(
+        metavar="HISTORY_FILE",
+        help="JSON file of histories, or - for stdin: one history (a list of item ids, or "
+             '{"user": ..., "history": [...]}), a list of those, or JSON Lines of those. '
+             "Sample: examples/history.json.")],
+    artifacts: Annotated[Path, typer.Option(
+        "--artifacts", help="Artifact directory written by `mp4sr-rt export`."),
+    ] = DEFAULT_ARTIFACTS,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Items to return per history.")] = 10,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto | cpu | cuda | tensorrt (auto: the fastest available).")] = "auto",
+    exclude_seen: Annotated[bool, typer.Option(
+        "--exclude-seen/--include-seen",
+        help="Leave the history's own items out of its results.")] = True,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Score the valid histories and report the invalid ones in place, "
+                               "instead of failing when any is invalid.")] = False,
+) -> None:
+    """Recommend the top-k items for each history of HISTORY_FILE (results on stdout as JSON)."""
+    entries = parse_histories(read_text(history_file))
+    invalid = [e for e in entries if isinstance(e, InvalidEntry)]
+    if invalid and not skip_invalid:
+        raise UserError(describe_invalid(invalid) + " (--skip-invalid scores the valid ones)")
+    for entry in invalid:
+        print(f"warning: skipped {entry.position}: {entry.error}", file=sys.stderr)
+
+    from mp4sr_rt.scorer import Scorer  # numpy and onnxruntime: only once the input is valid
+
+    start = time.perf_counter()
+    scorer = Scorer(artifacts, backend=backend)
+    valid = [e for e in entries if isinstance(e, HistoryRequest)]
+    recommendations = iter(scorer.score([e.items for e in valid], k=k, exclude_seen=exclude_seen))
+    results = [
+        {"user": e.user, "error": f"{e.position}: {e.error}"} if isinstance(e, InvalidEntry)
+        else result_json(e, next(recommendations))
+        for e in entries
+    ]
+    print("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in results) + "]")
+    print(f"scored {len(valid)} histories ({len(invalid)} skipped) on {scorer.backend.name} in "
+          f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+
+def read_text(history_file: str) -> str:
+    """The history file's text ('-': stdin); unreadable or non-UTF-8 input is a UserError."""
+    try:
+        if history_file == "-":
+            return sys.stdin.buffer.read().decode("utf-8-sig")
+        return Path(history_file).read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"cannot read history file {history_file}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"history file {history_file} is not UTF-8 text (byte {e.start})") from None
+
+
+def describe_invalid(invalid: list[InvalidEntry]) -> str:
+    listed = "; ".join(f"{e.position}: {e.error}" for e in invalid[:MAX_LISTED])
+    more = f"; and {len(invalid) - MAX_LISTED} more" if len(invalid) > MAX_LISTED else ""
+    noun = "history" if len(invalid) == 1 else "histories"
+    return f"{len(invalid)} invalid {noun}: {listed}{more}"
+
+
+def result_json(request: HistoryRequest, rec: Recommendation) -> dict:
+    return {
+        "user": request.user,
+        "items": rec.items,
+        "scores": [round(s, 6) for s in rec.scores],
+        "unknown_items": rec.unknown_items,
+        "fallback": rec.fallback,
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,16 +11,19 @@ from mp4sr_rt.commands import user_errors
 
 @user_errors
 def train(
-    data: Optional[Path] = typer.Option(None, help="Interactions file or dataset directory (generic, RecBole atomic or Amazon 2018). Default: the built-in demo dataset."),
-    features: Optional[Path] = typer.Option(None, help="Features file (safetensors) for the items of --data."),
+    data: Path | None = typer.Option(
+        None, help="Interactions file or dataset directory (generic, RecBole atomic or Amazon 2018). "
+        "Default: the built-in demo dataset."
+    ),
+    features: Path | None = typer.Option(None, help="Features file (safetensors) for the items of --data."),
     out: Path = typer.Option(Path("mp4sr-out"), help="Run directory."),
     preset: str = typer.Option("demo", help="Config preset: demo, tiny or paper."),
     stage: str = typer.Option("all", help="all (pre-train then fine-tune), pretrain or finetune."),
-    epochs: Optional[int] = typer.Option(None, help="Override the epochs of every selected stage."),
+    epochs: int | None = typer.Option(None, help="Override the epochs of every selected stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, help="Continue a killed run from its last completed epoch."),
     overwrite: bool = typer.Option(False, help="Discard an existing run in --out and start again."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default: the preset's)."),
+    seed: int | None = typer.Option(None, help="Random seed (default: the preset's)."),
     quiet: bool = typer.Option(False, help="No progress bars or per-epoch lines."),
 ) -> None:
     """Train on --data (default: the demo dataset) into --out; prints a summary, writes metrics.json."""

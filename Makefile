@@ -1,0 +1,30 @@
+# `make demo`: set up .venv, then train on the built-in demo data, export (fp16) and score.
+# `make test`: set up .venv, then run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[train,cpu,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mp4sr-rt train --resume
+	$(BIN)/mp4sr-rt export --fp16
+	$(BIN)/mp4sr-rt score examples/history.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf mp4sr-out

@@ -1,0 +1,130 @@
+"""ONNX export of the wrappers: which models, their traced inputs, names and dynamic axes.
+
+The dynamo exporter (torch.export) is used for every model. The TorchScript one (`dynamo=False`)
+exports the scorer and the history encoder, causal scaled_dot_product_attention included, but
+not the item tower: MoEAdaptor's `layer_norm(y, y.shape[-1:])` becomes a traced shape, which it
+refuses as a LayerNorm shape. One exporter for all keeps one code path; it costs about 3 s a model.
+The files are checked against PyTorch afterwards on other shapes than the traced ones (parity.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from export.wrappers import HistoryEncoder, ItemTower, Scorer
+from train.checkpoint import Checkpoint
+from train.model import with_ids
+
+# The dynamo exporter's native opset (older ones go through a version converter); onnxruntime
+# >= 1.14 and TensorRT >= 8.6 read it.
+OPSET = 18
+DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+          onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One exported model: the module, the example inputs it is traced with, its I/O names."""
+
+    role: str
+    module: nn.Module
+    example: tuple[Tensor, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]  # per input: {axis: name}; outputs follow
+
+    @property
+    def file(self) -> str:
+        return f"{self.role}.onnx"
+
+
+def serving_inputs(ckpt: Checkpoint) -> Tensor:
+    """Sequence-input (and, normalised, candidate) vectors of the trained catalogue: (2, N + 1, d)."""
+    return with_ids(ckpt.z, ckpt.id_emb() if ckpt.id_emb is not None else None).detach()
+
+
+def model_specs(ckpt: Checkpoint, k: int) -> list[ModelSpec]:
+    """The scorer, the item tower and the history encoder, traced on small fixed shapes
+    (batch 2, history 3, 3 text and 2 image slots) that parity then avoids."""
+    model, feat_dim = ckpt.model, ckpt.model.feat_dim
+    length = min(3, ckpt.cfg.model.max_len)
+    ids = torch.tensor([[1, 2, 3], [2, 0, 0]])[:, :length]
+    text_mask = torch.tensor([[True, True, False], [False, False, False]])
+    image_mask = torch.tensor([[True, False], [True, True]])
+    g = torch.Generator().manual_seed(0)
+    item_feats = (torch.randn(2, 3, feat_dim, generator=g), text_mask,
+                  torch.randn(2, 2, feat_dim, generator=g), image_mask)
+    history = (torch.randn(2, length, 2 * model.cfg.d, generator=g), torch.tensor([length, 1]))
+    return [
+        ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k), (ids,), ("ids",),
+                  ("scores", "items", "user"), {"ids": {0: "batch", 1: "history"}}),
+        ModelSpec("item_tower", ItemTower(model), item_feats,
+                  ("text_feats", "text_mask", "image_feats", "image_mask"), ("table", "inputs"),
+                  {"text_feats": {0: "n", 1: "text_slots"}, "text_mask": {0: "n", 1: "text_slots"},
+                   "image_feats": {0: "n", 1: "image_slots"}, "image_mask": {0: "n", 1: "image_slots"}}),
+        ModelSpec("history_encoder", HistoryEncoder(model), history, ("inputs", "lengths"), ("user",),
+                  {"inputs": {0: "batch", 1: "history"}, "lengths": {0: "batch"}}),
+    ]
+
+
+def export_onnx(spec: ModelSpec, path: Path, max_len: int) -> None:
+    """Trace `spec.module` to an fp32 ONNX file at `path`; `history` axes stop at max_len positions."""
+    dims: dict[str, Dim] = {}
+    for name in {n for axes in spec.dynamic_axes.values() for n in axes.values()}:
+        dims[name] = Dim(name, max=max_len) if name == "history" else Dim(name)
+    shapes = tuple({axis: dims[n] for axis, n in spec.dynamic_axes[i].items()} for i in spec.inputs)
+    spec.module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The exporter warns when two inputs share an axis name (batch), which is the intent.
+        warnings.filterwarnings("ignore", message=".*axis name.*")
+        torch.onnx.export(
+            spec.module, spec.example, str(path), dynamo=True, opset_version=OPSET,
+            input_names=list(spec.inputs), output_names=list(spec.outputs),
+            dynamic_shapes=shapes, external_data=False, verbose=False,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def convert_fp16(path: Path) -> None:
+    """Rewrite an fp32 ONNX file in place with fp16 weights and compute, fp32 inputs and outputs.
+
+    Converting the exported graph (onnxruntime's own converter, shipped with onnxruntime) rather
+    than tracing a half-precision copy of the model keeps one traced graph for both precisions.
+    Kept in fp32: LayerNormalization and Softmax (variance and exp sums lose too much in fp16),
+    ReduceL2, the norm of every normalisation (a squared sum overflows fp16 above 65504), and the
+    converter's own list (TopK, Range...). The item table and every matmul are fp16, which is
+    where the memory and time go on a large catalogue."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(path))
+    # The exporter's intermediate type annotations would go stale under the converter, which
+    # re-infers the types it needs.
+    del model.graph.value_info[:]
+    blocked = [*DEFAULT_OP_BLOCK_LIST, "LayerNormalization", "Softmax", "ReduceL2"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*truncated.*")  # constants clipped to fp16 range
+        half = ir.from_proto(convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked))
+    half.graph.sort()  # the converter appends its Cast nodes out of topological order
+    onnx.save(ir.to_proto(half), str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def describe(path: Path) -> dict:
+    """Inputs and outputs of an ONNX file as manifest entries: [{name, dtype, shape}], with the
+    dynamic axes as their symbolic names."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def entry(value: onnx.ValueInfoProto) -> dict:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": DTYPES[tensor.elem_type], "shape": shape}
+
+    return {"inputs": [entry(v) for v in graph.input], "outputs": [entry(v) for v in graph.output]}

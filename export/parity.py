@@ -1,0 +1,179 @@
+"""The parity gate: every exported model against the PyTorch model, on other shapes than traced.
+
+The reference is train.model's own serving path (encode_history, score, serving_table,
+user_vector, encode_items), not the export wrappers, so the gate also checks the wrappers.
+Histories are right-padded random item ids with random lengths (padding in most rows).
+
+    figures = check_all(ckpt, runners, k)          # {role: {backend: {figure: value}}}
+    failures = gate(figures, "fp16")               # [] when every model passes
+
+Each model yields the same figures: `max_abs_diff` of its float outputs, and the top-10 / top-1
+agreement of the rankings it produces (the scorer's items; the others' vectors ranked by dot
+product) with the reference's, averaged over `rows` histories (or new items).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.onnx import serving_inputs
+from mp4sr_rt.errors import UserError
+from train.checkpoint import Checkpoint
+from train.model import ItemFeatures, candidates, score, serving_table, user_vector
+
+FP32_MAX_ABS = 1e-4  # fp32: max |difference| of any score / vector component ...
+FP32_TOP10 = 1.0  # ... and identical top-10 sets
+FP16_TOP10 = 0.99  # fp16: judged on rankings (STYLE 8): mean top-10 overlap ...
+FP16_TOP1 = 0.98  # ... and top-1 equality, over at least MIN_ROWS histories
+MIN_ROWS = 256
+TOP = 10
+SLOTS = (5, 4)  # text and image slots of the item-tower check (traced: 3 and 2)
+
+
+class ParityError(UserError):
+    """An exported model disagrees with PyTorch beyond the gate: the export is discarded."""
+
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def ort_runner(path: Path) -> Runner:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(None, feeds)))
+
+
+def histories(rng: np.random.Generator, num_items: int, batch: int, length: int) -> np.ndarray:
+    """Right-padded ids (batch, length) of trained items; row 0 full, the others 1..length long."""
+    ids = rng.integers(1, num_items + 1, size=(batch, length))
+    lengths = rng.integers(1, length + 1, size=batch)
+    lengths[0] = length
+    ids[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    return ids
+
+
+def batches(rng: np.random.Generator, ckpt: Checkpoint) -> list[np.ndarray]:
+    """Histories of (batch, length) shapes other than the traced (2, 3): the smallest case, max_len
+    itself, and a large batch that carries the statistics (308 rows in all)."""
+    max_len, n = ckpt.cfg.model.max_len, len(ckpt.item_ids)
+    shapes = [(1, 1), (7, max_len), (300, max(1, max_len - 1))]
+    return [histories(rng, n, b, length) for b, length in shapes]
+
+
+def top_items(scores: np.ndarray, top: int) -> np.ndarray:
+    """Indices of the `top` highest scores per row, best first."""
+    part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def agreement(ref: np.ndarray, got: np.ndarray, top: int) -> dict[str, float]:
+    """Mean top-`top` set overlap and top-1 equality of two (rows, >= top) item rankings."""
+    overlap = [len(set(r[:top]) & set(g[:top])) / top for r, g in zip(ref, got)]
+    return {f"top{TOP}_agreement": float(np.mean(overlap)),
+            "top1_agreement": float(np.mean(ref[:, 0] == got[:, 0]))}
+
+
+def reference_users(ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        h = ckpt.model.encode_history(torch.as_tensor(ids), serving_inputs(ckpt))
+        return user_vector(h).numpy()
+
+
+def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator) -> dict:
+    inputs = serving_inputs(ckpt)
+    cands = candidates(inputs)
+    max_abs, pad_returned, ref_items, got_items = 0.0, False, [], []
+    for ids in batches(rng, ckpt):
+        with torch.no_grad():
+            h = ckpt.model.encode_history(torch.as_tensor(ids), inputs)
+            ref_scores, ref_top = torch.topk(score(h, cands), k)
+            ref_user = user_vector(h).numpy()
+        out = run({"ids": ids})
+        max_abs = max(max_abs, float(np.abs(out["scores"] - ref_scores.numpy()).max()),
+                      float(np.abs(out["user"] - ref_user).max()))
+        pad_returned |= bool((out["items"] == 0).any())
+        ref_items.append(ref_top.numpy())
+        got_items.append(out["items"])
+    ref, got = np.concatenate(ref_items), np.concatenate(got_items)
+    return {"rows": len(ref), "max_abs_diff": max_abs, **agreement(ref, got, min(TOP, k)),
+            "padding_returned": pad_returned}
+
+
+def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
+    """New items from random features (some lacking a modality), ranked for real users."""
+    n, feat_dim = MIN_ROWS + 44, ckpt.model.feat_dim
+    feeds = {}
+    for name, slots, missing in zip(("text", "image"), SLOTS, (slice(0, n // 10), slice(-n // 10, None))):
+        mask = rng.random((n, slots)) < 0.7
+        mask[missing] = False  # items without this modality (the learned missing vector), not both
+        feeds[f"{name}_feats"] = rng.standard_normal((n, slots, feat_dim)).astype(np.float32)
+        feeds[f"{name}_mask"] = mask
+    # encode_items treats row 0 as padding (zeroed): prepend one and drop it again.
+    order = ("text_feats", "text_mask", "image_feats", "image_mask")  # ItemFeatures' fields
+    padded = [np.concatenate([np.zeros_like(feeds[k][:1]), feeds[k]]) for k in order]
+    with torch.no_grad():
+        z = ckpt.model.encode_items(ItemFeatures(*map(torch.as_tensor, padded)))[:, 1:]  # (2, n, d)
+        ref = {"table": serving_table(z).numpy(), "inputs": torch.cat([z[0], z[1]], -1).numpy()}
+    out = run(feeds)
+    users = np.concatenate([reference_users(ckpt, ids) for ids in batches(rng, ckpt)])
+    top = min(TOP, n)
+    return {"rows": len(users), "max_abs_diff": max(float(np.abs(out[k] - ref[k]).max()) for k in ref),
+            **agreement(top_items(users @ ref["table"].T, top), top_items(users @ out["table"].T, top), top)}
+
+
+def check_history_encoder(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
+    """The scorer's histories given as sequence-input vectors (rows of item_inputs.npy)."""
+    inputs = serving_inputs(ckpt)
+    rows = torch.cat([inputs[0], inputs[1]], -1).numpy()  # (N + 1, 2d), = item_inputs.npy
+    table = serving_table(inputs).numpy()[1:]  # ranked without the padding item
+    ref_users, got_users = [], []
+    for ids in batches(rng, ckpt):
+        out = run({"inputs": rows[ids], "lengths": (ids != 0).sum(1).astype(np.int64)})
+        ref_users.append(reference_users(ckpt, ids))
+        got_users.append(out["user"])
+    ref, got = np.concatenate(ref_users), np.concatenate(got_users)
+    top = min(TOP, len(table))
+    return {"rows": len(ref), "max_abs_diff": float(np.abs(got - ref).max()),
+            **agreement(top_items(ref @ table.T, top), top_items(got @ table.T, top), top)}
+
+
+def check_all(ckpt: Checkpoint, runners: dict[tuple[str, str], Runner], k: int) -> dict:
+    """Figures for each (role, backend) runner: {role: {backend: figures}}."""
+    figures: dict[str, dict] = {}
+    for (role, backend), run in runners.items():
+        rng = np.random.default_rng(0)
+        if role == "scorer":
+            result = check_scorer(ckpt, run, k, rng)
+        elif role == "item_tower":
+            result = check_item_tower(ckpt, run, rng)
+        else:
+            result = check_history_encoder(ckpt, run, rng)
+        figures.setdefault(role, {})[backend] = result
+    return figures
+
+
+def gate(figures: dict, precision: str) -> list[str]:
+    """Failures (empty when all pass): fp32 on exactness, fp16 on ranking agreement."""
+    failures = []
+    for role, per_backend in figures.items():
+        for backend, f in per_backend.items():
+            where = f"{role} ({backend}, {precision})"
+            top10 = f[f"top{TOP}_agreement"]
+            if f.get("padding_returned"):
+                failures.append(f"{where}: returned the padding item")
+            if f["rows"] < MIN_ROWS:
+                failures.append(f"{where}: only {f['rows']} rows checked (< {MIN_ROWS})")
+            if precision == "fp32" and (f["max_abs_diff"] > FP32_MAX_ABS or top10 < FP32_TOP10):
+                failures.append(f"{where}: max |diff| {f['max_abs_diff']:.2e} (limit {FP32_MAX_ABS:.0e}), "
+                                f"top-{TOP} agreement {top10:.4f} (must be identical)")
+            if precision == "fp16" and (top10 < FP16_TOP10 or f["top1_agreement"] < FP16_TOP1):
+                failures.append(f"{where}: top-{TOP} agreement {top10:.4f} (>= {FP16_TOP10}), "
+                                f"top-1 {f['top1_agreement']:.4f} (>= {FP16_TOP1})")
+    return failures

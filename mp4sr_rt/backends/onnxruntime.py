@@ -1,0 +1,199 @@
+"""onnxruntime backends: CPU, and CUDA with device-resident I/O and CUDA graphs.
+
+    backend = CpuBackend(artifacts_dir, manifest)
+    scores, items, user = backend.run(ids)            # ids int64 (B, L)
+
+The CUDA backend keeps, per batch-size bucket (powers of two), the ids input and every output
+on the GPU (IOBinding), so a call copies B x L ids in and B x K top-k rows out and nothing else:
+the (B, N) score matrix never leaves the device. Buckets give the graph fixed shapes, which is
+what lets onnxruntime capture and replay one CUDA graph per bucket (`enable_cuda_graph`); when
+the graph cannot be captured (a node left on the CPU), it runs without and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from mp4sr_rt.backends import MAX_BATCH, BackendUnavailable
+from mp4sr_rt.errors import ArtifactError
+
+ROLES = ("scorer", "history_encoder", "item_tower")
+SCORER_OUTPUTS = ("scores", "items", "user")
+ERRORS_ONLY = 3  # onnxruntime's log severity: keep its warnings off the user's terminal
+
+
+class OrtBackend:
+    """Lazily opened onnxruntime sessions, one per exported model, on `providers`."""
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: Path, manifest: dict, providers: list[Any]):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.providers = providers
+        # Rows per call: the scorer splits larger batches (TensorRT's profile ends there too).
+        self.max_batch = min(MAX_BATCH, manifest.get("max_batch", MAX_BATCH))
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        return f"onnxruntime {ort.__version__} {self.session('scorer').get_providers()[0]}"
+
+    def session(self, role: str) -> ort.InferenceSession:
+        with self._lock:
+            if role not in self._sessions:
+                self._sessions[role] = self._open_session(role, self.providers)
+            return self._sessions[role]
+
+    def _open_session(self, role: str, providers: list[Any]) -> ort.InferenceSession:
+        model = self.manifest["models"].get(role)
+        if model is None:
+            raise ArtifactError(f"{self.directory / 'manifest.json'}: no {role!r} model")
+        options = ort.SessionOptions()
+        options.log_severity_level = ERRORS_ONLY
+        path = self.directory / model["file"]
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types, not exported stably
+            raise ArtifactError(f"{path}: onnxruntime cannot load it ({e})") from None
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, items, user = self.session("scorer").run(list(SCORER_OUTPUTS), {"ids": ids})
+        return scores, items, user
+
+    def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        feeds = {"inputs": inputs, "lengths": lengths}
+        return self.session("history_encoder").run(["user"], feeds)[0]
+
+    def encode_items(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        table, inputs = self.session("item_tower").run(["table", "inputs"], feeds)
+        return table, inputs
+
+
+class CpuBackend(OrtBackend):
+    name = "cpu"
+
+    def __init__(self, directory: Path, manifest: dict):
+        super().__init__(directory, manifest, ["CPUExecutionProvider"])
+        self.session("scorer")  # open now: a broken file fails at load time, not mid-request
+
+
+@dataclass
+class _Bucket:
+    """Device buffers of one fixed batch shape, bound once and reused by every call."""
+
+    ids: ort.OrtValue
+    outputs: tuple[ort.OrtValue, ...]
+    binding: ort.IOBinding
+    run_options: ort.RunOptions
+
+
+class CudaBackend(OrtBackend):
+    """onnxruntime CUDA: IOBinding with device-resident ids and outputs, CUDA graphs when the
+    scorer's every node runs on the GPU."""
+
+    name = "cuda"
+    provider = "CUDAExecutionProvider"
+
+    def __init__(self, directory: Path, manifest: dict, device_id: int = 0):
+        if self.provider not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} has no {self.provider} (install mp4sr-rt[gpu])"
+            )
+        _preload_cuda_libraries()
+        self.device_id = device_id
+        cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
+        super().__init__(directory, manifest, [cuda, "CPUExecutionProvider"])
+        self.cuda_graph = False
+        self._scorer = self._open_scorer()
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._run_lock = threading.Lock()  # one IOBinding run at a time: buffers are shared
+
+    @property
+    def description(self) -> str:
+        graphs = ", CUDA graphs" if self.cuda_graph else ""
+        return f"onnxruntime {ort.__version__} {self._scorer.get_providers()[0]}, IOBinding{graphs}"
+
+    def _open_scorer(self) -> ort.InferenceSession:
+        graph_options = {"device_id": str(self.device_id), "enable_cuda_graph": "1"}
+        try:
+            providers = [(self.provider, graph_options), "CPUExecutionProvider"]
+            session = self._open_session("scorer", providers)
+            self.cuda_graph = True
+        except ArtifactError as e:
+            print(f"cuda: running without CUDA graphs ({e})", file=sys.stderr)
+            session = self._open_session("scorer", self.providers)
+        self._check_provider(session)
+        return session
+
+    def _check_provider(self, session: ort.InferenceSession) -> None:
+        # onnxruntime falls back to the CPU, with an error in its log, when the provider's
+        # libraries fail to load; a backend named cuda must not quietly run on the CPU.
+        if session.get_providers()[0] != self.provider:
+            raise BackendUnavailable(
+                f"{self.provider} failed to start (CUDA/cuDNN libraries missing or of another "
+                "version than this onnxruntime build needs; see onnxruntime's message above)"
+            )
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = ids.shape[0]
+        bucket = self._bucket(min(_bucket_rows(rows), self.max_batch), ids.shape[1])
+        padded = np.zeros(bucket.ids.shape(), dtype=np.int64)  # all-padding rows: finite, unused
+        padded[:rows] = ids
+        with self._run_lock:
+            bucket.ids.update_inplace(padded)
+            self._scorer.run_with_iobinding(bucket.binding, bucket.run_options)
+            scores, items, user = (value[:rows] for value in bucket.binding.copy_outputs_to_cpu())
+        return scores, items, user
+
+    def _bucket(self, rows: int, length: int) -> _Bucket:
+        key = (rows, length)
+        if key not in self._buckets:
+            self._buckets[key] = self._new_bucket(rows, length, graph_id=len(self._buckets))
+        return self._buckets[key]
+
+    def _new_bucket(self, rows: int, length: int, graph_id: int) -> _Bucket:
+        k, dim = self.manifest["top_k"], self.manifest["dim"]
+
+        def device(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
+
+        ids = device((rows, length), np.int64)
+        outputs = (device((rows, k), np.float32), device((rows, k), np.int64),
+                   device((rows, dim), np.float32))
+        binding = self._scorer.io_binding()
+        binding.bind_ortvalue_input("ids", ids)
+        for name, value in zip(SCORER_OUTPUTS, outputs, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        run_options = ort.RunOptions()
+        if self.cuda_graph:
+            # One captured graph per shape: the id tells onnxruntime which one to replay.
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return _Bucket(ids, outputs, binding, run_options)
+
+
+def _bucket_rows(rows: int) -> int:
+    """The next power of two: at most 2x padding, and few distinct shapes (graphs) overall."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels (onnxruntime >= 1.21). Skipped when torch
+    is already imported: it loaded its own, and loading a second copy is what breaks."""
+    if "torch" in sys.modules or not hasattr(ort, "preload_dlls"):
+        return
+    # preload_dlls reports on stdout, which carries the JSON results of `mp4sr-rt score`.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            ort.preload_dlls()
+        except (OSError, RuntimeError) as e:
+            print(f"cuda: could not preload CUDA libraries ({e})", file=sys.stderr)

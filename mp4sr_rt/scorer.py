@@ -1,0 +1,337 @@
+"""The serving scorer: original item ids in, top-k original item ids out. No torch.
+
+    scorer = Scorer("mp4sr-out/artifacts")                       # backend="auto": fastest here
+    [rec] = scorer.score([["item00012", "item00007"]], k=10)
+    rec.items, rec.scores, rec.unknown_items, rec.fallback       # fallback: None | "popular"
+    scorer.add_items(["new-1"], text_feats=t, text_mask=tm, image_feats=i, image_mask=im)
+    scorer.score([["new-1"]])                                     # new items: scorable at once
+
+Paths through the artifacts (docs/artifacts.md):
+- histories of trained items: scorer.onnx, the catalogue folded in, returns the top K and the
+  user vector u;
+- histories holding items added at serve time: history_encoder.onnx on the items' sequence-input
+  vectors (item_inputs.npy rows, or the added rows) -> u, then u . table on the host;
+- items added at serve time are scored as u . added_table and merged into the top k;
+- a history with no known item: the most popular items, flagged "popular".
+Every history is padded to L and scored on its own row, so its result never depends on the other
+histories of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mp4sr_rt.backends import Backend, open_backend
+from mp4sr_rt.errors import ArtifactError, UserError
+from mp4sr_rt.histories import ItemId
+from mp4sr_rt.manifest import load_manifest, verify_artifacts
+
+DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
+SCORE_BUDGET = 1 << 28  # score-matrix elements per model call (1 GiB in fp32), whatever N is
+FEATURES = ("text_feats", "text_mask", "image_feats", "image_mask")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The top-k of one history. With fallback "popular", scores are training interaction counts."""
+
+    items: list[ItemId]
+    scores: list[float]
+    unknown_items: list[ItemId] = field(default_factory=list)
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class _Added:
+    """Items added at serve time, rows N + 1 ... N + M. Replaced whole by add_items, never
+    changed in place, so a concurrent score() always sees one consistent snapshot."""
+
+    ids: tuple[ItemId, ...] = ()
+    index: dict[str, int] = field(default_factory=dict)
+    table: np.ndarray | None = None  # (M, 2d) normalised serving rows
+    inputs: np.ndarray | None = None  # (M, 2d) sequence-input vectors
+
+
+@dataclass(frozen=True)
+class _History:
+    ids: list[int]  # catalogue indices, the last L known items
+    seen: frozenset[int]  # every known item of the history, for exclude_seen
+    unknown: list[ItemId]
+
+
+class Scorer:
+    """Top-k recommendations from an artifact directory (see the module docstring)."""
+
+    def __init__(self, artifacts: str | Path = DEFAULT_ARTIFACTS, backend: str = "auto",
+                 max_batch: int | None = None):
+        self.directory = Path(artifacts)
+        verify_artifacts(self.directory)
+        self.manifest = load_manifest(self.directory)
+        self.max_len, self.top_k = self.manifest["max_len"], self.manifest["top_k"]
+        self.num_base = self.manifest["num_items"]
+        self._item_ids, popularity = self._read_vocabulary()
+        self._index = {str(item): i + 1 for i, item in enumerate(self._item_ids)}
+        self._popularity = np.asarray(popularity, dtype=np.float64)
+        # Most popular first; ties by catalogue order (as the training popularity baseline).
+        self._popular = np.argsort(-self._popularity, kind="stable") + 1
+        # Read on demand: only the added-item and overflow paths touch these.
+        inputs_file = self.manifest.get("item_inputs", "item_inputs.npy")
+        self._item_inputs = np.load(self.directory / inputs_file, mmap_mode="r")
+        self._table: np.ndarray | None = None
+        self._added = _Added()
+        self._write_lock = threading.Lock()
+        self.backend: Backend = open_backend(backend, self.directory, self.manifest)
+        budget = max(1, SCORE_BUDGET // (self.num_base + 1))
+        self.max_batch = min(max_batch or budget, self.backend.max_batch)
+
+    def _read_vocabulary(self) -> tuple[list[ItemId], list[float]]:
+        path = self.directory / self.manifest.get("vocabulary", "items.json")
+        vocabulary = json.loads(path.read_text(encoding="utf-8"))
+        items, popularity = vocabulary["items"], vocabulary["popularity"]
+        if len(items) != self.num_base or len(popularity) != self.num_base:
+            raise ArtifactError(f"{path}: {len(items)} items and {len(popularity)} counts, "
+                                f"manifest says {self.num_base}")
+        return items, popularity
+
+    @property
+    def num_items(self) -> int:
+        """Items that can be recommended: the trained catalogue plus those added at serve time."""
+        return self.num_base + len(self._added.ids)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score(self, histories: Iterable[Sequence[ItemId]], k: int = 10,
+              exclude_seen: bool = True) -> list[Recommendation]:
+        """One Recommendation per history, in order. Histories hold original item ids, oldest
+        first; unknown ids are dropped (and reported), the last L known ones are used."""
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
+        added = self._added
+        prepared = [self._prepare(history, added) for history in histories]
+        results: list[Recommendation | None] = [None] * len(prepared)
+        base, with_added = [], []
+        for i, h in enumerate(prepared):
+            if not h.ids:
+                results[i] = self._popular_items(h, k)
+            else:
+                (base if max(h.ids) <= self.num_base else with_added).append(i)
+        for rows, path in ((base, self._score_base), (with_added, self._score_added)):
+            for chunk in _chunks(rows, self.max_batch):
+                recs = path([prepared[i] for i in chunk], k, exclude_seen, added)
+                for i, rec in zip(chunk, recs, strict=True):
+                    results[i] = rec
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, history: Sequence[ItemId], added: _Added) -> _History:
+        known, unknown = [], []
+        for item in history:
+            key = str(item)
+            index = self._index.get(key) or added.index.get(key)
+            if index is None:
+                unknown.append(item)
+            else:
+                known.append(index)
+        return _History(known[-self.max_len:], frozenset(known), unknown)
+
+    def _padded(self, histories: list[_History]) -> np.ndarray:
+        """Right-padded (B, L) ids; always L wide, so a row's result never depends on the batch."""
+        ids = np.zeros((len(histories), self.max_len), dtype=np.int64)
+        for row, h in zip(ids, histories, strict=True):
+            row[: len(h.ids)] = h.ids
+        return ids
+
+    def _score_base(self, histories: list[_History], k: int, exclude_seen: bool,
+                    added: _Added) -> list[Recommendation]:
+        scores, items, users = self.backend.run(self._padded(histories))
+        return [self._from_top_k(h, s, it, u, k, exclude_seen, added)
+                for h, s, it, u in zip(histories, scores, items, users, strict=True)]
+
+    def _from_top_k(self, h: _History, scores: np.ndarray, items: np.ndarray, user: np.ndarray,
+                    k: int, exclude_seen: bool, added: _Added) -> Recommendation:
+        seen = h.seen if exclude_seen else frozenset()
+        pairs = zip(items.tolist(), scores.tolist(), strict=True)
+        top = [(i, s) for i, s in pairs if i not in seen][:k]
+        # The graph's top K holds every trained item that can still make the top k unless
+        # exclusions left fewer than k of them: then rank the whole catalogue on the host.
+        if len(top) < k and self.top_k < self.num_base:
+            return self._from_user(h, user, k, exclude_seen, added)
+        return self._recommend(h, self._merge_added(top, user, seen, k, added))
+
+    def _score_added(self, histories: list[_History], k: int, exclude_seen: bool,
+                     added: _Added) -> list[Recommendation]:
+        ids = self._padded(histories)
+        base = ids <= self.num_base
+        inputs = np.empty((*ids.shape, self._item_inputs.shape[1]), dtype=np.float32)  # (B, L, 2d)
+        inputs[base] = self._item_inputs[ids[base]]  # padding reads row 0: zeros
+        inputs[~base] = added.inputs[ids[~base] - self.num_base - 1]
+        users = self.backend.encode_history(inputs, (ids != 0).sum(axis=1))
+        return [self._from_user(h, u, k, exclude_seen, added)
+                for h, u in zip(histories, users, strict=True)]
+
+    def _from_user(self, h: _History, user: np.ndarray, k: int, exclude_seen: bool,
+                   added: _Added) -> Recommendation:
+        """Rank the whole trained catalogue for one user vector on the host (one row at a time:
+        a matrix-vector product gives the same bits whatever the batch)."""
+        scores = self._host_table() @ user  # (N + 1,)
+        scores[0] = -np.inf
+        seen = h.seen if exclude_seen else frozenset()
+        base_seen = [i for i in seen if i <= self.num_base]
+        scores[base_seen] = -np.inf
+        top = [(i, float(scores[i])) for i in _top_indices(scores, k)]
+        return self._recommend(h, self._merge_added(top, user, seen, k, added))
+
+    def _merge_added(self, top: list[tuple[int, float]], user: np.ndarray, seen: frozenset[int],
+                     k: int, added: _Added) -> list[tuple[int, float]]:
+        if added.table is None:
+            return top
+        scores = added.table @ user  # (M,)
+        candidates = [(self.num_base + 1 + j, float(s)) for j, s in enumerate(scores.tolist())
+                      if self.num_base + 1 + j not in seen]
+        # Stable sort on score alone: ties keep trained items first, then added order.
+        return sorted(top + candidates, key=lambda pair: -pair[1])[:k]
+
+    def _recommend(self, h: _History, top: list[tuple[int, float]]) -> Recommendation:
+        items = [self._original_id(i) for i, _ in top]
+        return Recommendation(items, [s for _, s in top], h.unknown)
+
+    def _popular_items(self, h: _History, k: int) -> Recommendation:
+        top = self._popular[:k]
+        return Recommendation([self._original_id(int(i)) for i in top],
+                              self._popularity[top - 1].tolist(), h.unknown, "popular")
+
+    def _original_id(self, index: int) -> ItemId:
+        if index <= self.num_base:
+            return self._item_ids[index - 1]
+        return self._added.ids[index - self.num_base - 1]
+
+    def _host_table(self) -> np.ndarray:
+        """The serving table [c_text, c_image] (N + 1, 2d), rebuilt from item_inputs.npy the
+        first time a history needs it (SPEC section 4: c_m = normalize(input_m))."""
+        if self._table is None:
+            with self._write_lock:
+                if self._table is None:
+                    self._table = _serving_rows(np.asarray(self._item_inputs, dtype=np.float32))
+        return self._table
+
+    # -- new items -------------------------------------------------------------------------
+
+    def add_items(self, ids: Sequence[ItemId], texts: Sequence[Sequence[str]] | None = None,
+                  images: Sequence[Sequence[str | Path]] | None = None,
+                  **features: np.ndarray) -> None:
+        """Make new items recommendable and usable in histories at once, without retraining.
+
+        Precomputed features (as in a features file, one row per id): text_feats float32
+        (n, S, F), text_mask bool (n, S), image_feats float32 (n, V, F), image_mask bool (n, V).
+        A modality left out counts as missing for every new item; a mask left out marks every
+        slot as real. Raw `texts` / `images` need the artifacts' text and image encoders."""
+        if texts is not None or images is not None:
+            self._check_raw_inputs(texts, images)
+        ids = list(ids)
+        self._check_new_ids(ids)
+        table, inputs = self.backend.encode_items(self._item_tower_feeds(len(ids), features))
+        with self._write_lock:
+            old = self._added
+            self._check_new_ids(ids)  # again, under the lock: a concurrent add may have won
+            start = self.num_base + len(old.ids) + 1
+            self._added = _Added(
+                old.ids + tuple(ids),
+                {**old.index, **{str(item): start + j for j, item in enumerate(ids)}},
+                table if old.table is None else np.concatenate([old.table, table]),
+                inputs if old.inputs is None else np.concatenate([old.inputs, inputs]),
+            )
+        print(f"added {len(ids)} items ({self.num_items} in the catalogue)", file=sys.stderr)
+
+    def _check_raw_inputs(self, texts, images) -> None:
+        missing = [role for role, given in (("text_encoder", texts), ("image_encoder", images))
+                   if given is not None and role not in self.manifest["models"]]
+        if missing:
+            raise ArtifactError(
+                f"{self.directory} carries no {' or '.join(missing)} (its features did not come "
+                "from `mp4sr-rt features`): pass precomputed features (text_feats, text_mask, "
+                "image_feats, image_mask) instead")
+        raise UserError("raw texts/images: this runtime version cannot run the exported encoders; "
+                        "compute the features with `mp4sr-rt features` and pass them instead")
+
+    def _check_new_ids(self, ids: list[ItemId]) -> None:
+        if not ids:
+            raise UserError("add_items: no item ids given")
+        keys = [str(item) for item in ids]
+        for item, key in zip(ids, keys, strict=True):
+            if not isinstance(item, (str, int)) or isinstance(item, bool):
+                raise UserError(f"add_items: item id {item!r} is not a string or an integer")
+            if key in self._index or key in self._added.index:
+                raise UserError(f"add_items: item {item!r} is already in the catalogue")
+        if len(set(keys)) != len(keys):
+            raise UserError("add_items: duplicate item ids")
+
+    def _item_tower_feeds(self, n: int, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        unknown = sorted(set(features) - set(FEATURES))
+        if unknown:
+            raise UserError(
+                f"add_items: unknown feature {unknown[0]!r}; expected {', '.join(FEATURES)}")
+        if not any(name in features for name in ("text_feats", "image_feats")):
+            raise UserError("add_items: give text_feats and/or image_feats (precomputed features)")
+        feat_dim = self._feature_dim()
+        feeds = {}
+        for modality in ("text", "image"):
+            feats, mask = features.get(f"{modality}_feats"), features.get(f"{modality}_mask")
+            feeds.update(_modality_feeds(modality, feats, mask, n, feat_dim))
+        return feeds
+
+    def _feature_dim(self) -> int:
+        tower = self.manifest["models"].get("item_tower")
+        if tower is None:
+            raise ArtifactError(f"{self.directory}: no item_tower model, so no items can be added")
+        dim = tower["inputs"][0]["shape"][-1]
+        if not isinstance(dim, int):
+            raise ArtifactError(f"{self.directory}: item_tower feature size is not fixed ({dim!r})")
+        return dim
+
+
+def _modality_feeds(modality: str, feats: np.ndarray | None, mask: np.ndarray | None, n: int,
+                    feat_dim: int) -> dict[str, np.ndarray]:
+    """Validated item-tower inputs of one modality; an absent modality is one masked-out slot."""
+    if feats is None:
+        if mask is not None:
+            raise UserError(f"add_items: {modality}_mask given without {modality}_feats")
+        return {f"{modality}_feats": np.zeros((n, 1, feat_dim), np.float32),
+                f"{modality}_mask": np.zeros((n, 1), bool)}
+    feats = np.asarray(feats, dtype=np.float32)
+    if feats.ndim != 3 or feats.shape[0] != n or feats.shape[2] != feat_dim or feats.shape[1] < 1:
+        raise UserError(f"add_items: {modality}_feats must have shape "
+                        f"({n}, slots >= 1, {feat_dim}), got {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise UserError(f"add_items: {modality}_feats holds NaN or infinite values")
+    mask = np.ones(feats.shape[:2], bool) if mask is None else np.asarray(mask)
+    if mask.shape != feats.shape[:2] or mask.dtype != bool:
+        raise UserError(f"add_items: {modality}_mask must be bool of shape {feats.shape[:2]}, "
+                        f"got {mask.dtype} {mask.shape}")
+    return {f"{modality}_feats": feats, f"{modality}_mask": mask}
+
+
+def _serving_rows(inputs: np.ndarray) -> np.ndarray:
+    """[x_text/|x_text|, x_image/|x_image|] per row, as F.normalize (eps 1e-12) computes it."""
+    halves = np.split(inputs, 2, axis=1)
+    return np.concatenate([h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+                           for h in halves], axis=1)
+
+
+def _top_indices(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k highest finite scores, best first, ties by index."""
+    k = min(k, len(scores))
+    candidates = np.argpartition(-scores, k - 1)[:k]
+    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    return [int(i) for i in order if math.isfinite(scores[i])]
+
+
+def _chunks(rows: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]

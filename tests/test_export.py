@@ -1,0 +1,209 @@
+"""Export: the parity gate (fp32, fp16), the manifest and its hashes, Triton configs, clean
+failures that write nothing, and the C++ example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mp4sr_rt.cli import app
+from mp4sr_rt.errors import ArtifactError
+from mp4sr_rt.manifest import SCHEMA, verify_artifacts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+def assert_clean_failure(result, out: Path, message: str) -> None:
+    assert result.exit_code != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.glob(f".{out.name}.*")], "staging directory left behind"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """fp32 artifacts and a Triton repository of the tiny run, through the CLI."""
+    base = tmp_path_factory.mktemp("export")
+    out, triton = base / "artifacts", base / "triton"
+    result = cli(tiny_run, "--out", out, "--top-k", 20, "--triton", triton)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["artifacts"] == str(out)
+    return out, triton, verify_artifacts(out)
+
+
+def test_fp32_export_passes_the_gate_and_describes_itself(exported):
+    out, _, manifest = exported
+    assert manifest["schema"] == SCHEMA and manifest["precision"] == "fp32"
+    assert (manifest["padding"], manifest["pad_id"], manifest["top_k"]) == ("right", 0, 20)
+    d2 = manifest["dim"]
+    scorer = manifest["models"]["scorer"]
+    assert scorer["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "history"]}]
+    assert scorer["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch", 20]},
+                                 {"name": "items", "dtype": "int64", "shape": ["batch", 20]},
+                                 {"name": "user", "dtype": "float32", "shape": ["batch", d2]}]
+    assert manifest["models"]["item_tower"]["outputs"][0]["shape"] == ["n", d2]
+    for role in ("scorer", "item_tower", "history_encoder"):
+        f = manifest["parity"][role]["onnxruntime"]
+        assert f["rows"] >= 256 and f["max_abs_diff"] <= 1e-4 and f["top10_agreement"] == 1.0
+    assert set(manifest["files"]) == {"scorer.onnx", "item_tower.onnx", "history_encoder.onnx",
+                                      "items.json", "item_inputs.npy"}
+    assert np.load(out / "item_inputs.npy").shape == (manifest["num_items"] + 1, d2)
+
+
+def test_scorer_never_returns_padding_and_slices_like_a_smaller_k(exported):
+    import onnxruntime as ort
+
+    out, _, manifest = exported
+    session = ort.InferenceSession(str(out / "scorer.onnx"))
+    ids = np.array([[3, 0, 0, 0, 0], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])  # short, full, empty
+    scores, items, _ = session.run(None, {"ids": ids})
+    assert items.shape == (3, manifest["top_k"]) and (items > 0).all()
+    assert (np.diff(scores, axis=1) <= 0).all()
+    _, alone, _ = session.run(None, {"ids": ids[:1, :1]})  # padding does not change the result
+    np.testing.assert_array_equal(alone[0], items[0])
+
+
+def test_triton_configs_parse_with_tritons_own_protobuf(exported):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    out, triton, manifest = exported
+    for role, model in manifest["models"].items():
+        folder = triton / f"mp4sr_{role}"
+        config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.backend == "onnxruntime" and config.max_batch_size == manifest["max_batch"]
+        assert [i.name for i in config.input] == [i["name"] for i in model["inputs"]]
+        assert [list(o.dims) for o in config.output] == [
+            [-1 if isinstance(d, str) else d for d in o["shape"][1:]] for o in model["outputs"]]
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert config.dynamic_batching.max_queue_delay_microseconds > 0
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert accelerator.name == "tensorrt"
+        assert (folder / "1" / "model.onnx").read_bytes() == (out / model["file"]).read_bytes()
+
+
+def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, tiny_run, tmp_path):
+    import onnx
+
+    from export.run import export
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(exported[0], out)
+    manifest = export(tiny_run, out, fp16=True, top_k=20)
+    assert verify_artifacts(out)["precision"] == "fp16" == manifest["precision"]
+    for role, model in manifest["models"].items():
+        assert {e["dtype"] for e in model["inputs"] + model["outputs"]} <= {"float32", "int64", "bool"}
+        f = manifest["parity"][role]["onnxruntime"]
+        assert f["top10_agreement"] >= 0.99 and f["top1_agreement"] >= 0.98, (role, f)
+    graph = onnx.load(str(out / "scorer.onnx")).graph
+    dtypes = {init.name: init.data_type for init in graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in dtypes.values()  # weights and the item table in fp16
+    for node in graph.node:  # LayerNorm kept in fp32: its scale stays a float32 initializer
+        if node.op_type == "LayerNormalization" and node.input[1] in dtypes:
+            assert dtypes[node.input[1]] == onnx.TensorProto.FLOAT
+
+
+def test_corrupted_or_incomplete_artifacts_are_detected(exported, tmp_path):
+    out = tmp_path / "artifacts"
+    shutil.copytree(exported[0], out)
+    data = bytearray((out / "scorer.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "scorer.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="scorer.onnx"):
+        verify_artifacts(out)
+    (out / "items.json").unlink()
+    with pytest.raises(ArtifactError, match="items.json"):
+        verify_artifacts(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "schema": "mp4sr-artifacts/0"}))
+    with pytest.raises(ArtifactError, match="schema"):
+        verify_artifacts(out)
+
+
+def test_missing_or_incompatible_run_fails_cleanly(tiny_run, tmp_path):
+    out = tmp_path / "artifacts"
+    assert_clean_failure(cli(tmp_path / "nowhere", "--out", out), out, "run directory not found")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoint", run / "checkpoint")
+    sidecar = json.loads((run / "checkpoint" / "config.json").read_text())
+    sidecar["config"]["model"]["d"] *= 2  # another model than the tensors hold
+    (run / "checkpoint" / "config.json").write_text(json.dumps(sidecar))
+    assert_clean_failure(cli(run, "--out", out), out, "incompatible")
+    (run / "checkpoint" / "config.json").write_text("{}")
+    assert_clean_failure(cli(run, "--out", out), out, "schema")
+
+
+def test_refuses_to_replace_a_foreign_directory(tiny_run, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = cli(tiny_run, "--out", out)
+    assert result.exit_code != 0 and "not a previous export" in result.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_parity_failure_exits_non_zero_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    import export.run as export_run
+    from export import parity
+
+    specs = export_run.model_specs
+    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k: specs(ckpt, k)[:1])  # scorer only
+    monkeypatch.setattr(parity, "FP32_MAX_ABS", -1.0)  # no model can pass
+    out, triton = tmp_path / "artifacts", tmp_path / "triton"
+    result = cli(tiny_run, "--out", out, "--triton", triton)
+    assert_clean_failure(result, out, "parity gate failed")
+    assert not triton.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed: the missing-TensorRT message cannot be shown")
+def test_trt_without_tensorrt_says_so(tiny_run, tmp_path):
+    out = tmp_path / "artifacts"
+    assert_clean_failure(cli(tiny_run, "--out", out, "--trt"), out, "TensorRT")
+
+
+def test_manifest_module_does_not_import_torch():
+    code = "import sys, mp4sr_rt.manifest; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def ort_headers() -> Path | None:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mp4sr-rt/onnxruntime/include"
+    for folder in (os.environ.get("ORT_INCLUDE_DIR"), cache, "/usr/include/onnxruntime"):
+        if folder and (Path(folder) / "onnxruntime_cxx_api.h").is_file():
+            return Path(folder)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+@pytest.mark.skipif(ort_headers() is None,
+                    reason="no onnxruntime C/C++ headers: run examples/cpp/fetch_ort_headers.sh")
+def test_cpp_example_scores_like_python(exported, tmp_path):
+    import onnxruntime as ort
+
+    out, _, manifest = exported
+    env = {**os.environ, "ORT_INCLUDE_DIR": str(ort_headers()), "PYTHON": sys.executable}
+    subprocess.run(["bash", ROOT / "examples/cpp/build.sh", tmp_path], check=True, env=env,
+                   capture_output=True)
+    vocabulary = json.loads((out / "items.json").read_text())["items"]
+    history = [vocabulary[i] for i in (4, 0, 7)]
+    run = subprocess.run([tmp_path / "score", out, *history], check=True, capture_output=True, text=True)
+    got = [line.split("\t") for line in run.stdout.splitlines()]
+
+    ids = np.array([[vocabulary.index(item) + 1 for item in history]])
+    scores, items, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
+    assert [item for item, _ in got] == [vocabulary[i - 1] for i in items[0, :10]]
+    np.testing.assert_allclose([float(s) for _, s in got], scores[0, :10], rtol=1e-5)

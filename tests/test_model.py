@@ -1,0 +1,185 @@
+"""Named invariants of M2SE and its training tasks, on a seeded tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.config import TrainConfig, preset
+from train.model import (
+    M2SE,
+    ItemFeatures,
+    ItemIdEmbedding,
+    candidates,
+    score,
+    serving_table,
+    user_vector,
+    with_ids,
+)
+from train.tasks import cmcl_loss, finetune_loss, nip_loss, pretrain_loss, random_drop
+
+N, FEAT = 30, 12
+
+
+@pytest.fixture
+def model() -> M2SE:
+    torch.manual_seed(0)
+    return M2SE(preset("tiny").model, FEAT).eval()
+
+
+@pytest.fixture
+def feats() -> ItemFeatures:
+    g = torch.Generator().manual_seed(1)
+    text_mask = torch.rand(N + 1, 3, generator=g) > 0.3
+    image_mask = torch.rand(N + 1, 2, generator=g) > 0.3
+    text_mask[5] = False  # item 5 has no text, item 6 no image
+    image_mask[6] = False
+    return ItemFeatures(torch.randn(N + 1, 3, FEAT, generator=g), text_mask,
+                        torch.randn(N + 1, 2, FEAT, generator=g), image_mask)
+
+
+def histories() -> torch.Tensor:
+    ids = torch.tensor([[3, 7, 9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8], [12, 0, 0, 0, 0, 0, 0, 0]])
+    return ids
+
+
+def test_causal_earlier_outputs_ignore_later_items(model, feats):
+    z = model.encode_items(feats)
+    a = histories()[1:2]
+    b = a.clone()
+    b[0, 5:] = torch.tensor([20, 21, 22])
+    # Truncating to the first 5 items must give the same user vector whatever follows.
+    h_a = model.encode_history(a[:, :5], z)
+    h_b = model.encode_history(torch.cat([b[:, :5], torch.zeros(1, 3, dtype=torch.long)], 1), z)
+    torch.testing.assert_close(h_a, h_b)
+
+
+def test_padding_invariance(model, feats):
+    z = model.encode_items(feats)
+    ids = histories()
+    short = model.encode_history(ids[:1, :3], z)
+    long = model.encode_history(ids[:1], z)
+    torch.testing.assert_close(short, long)
+
+
+def test_batch_permutation(model, feats):
+    z = model.encode_items(feats)
+    ids = histories()
+    perm = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(model.encode_history(ids, z)[:, perm], model.encode_history(ids[perm], z))
+
+
+def test_alone_equals_in_batch(model, feats):
+    z = model.encode_items(feats)
+    ids = histories()
+    together = model.encode_history(ids, z)
+    for i in range(len(ids)):
+        torch.testing.assert_close(model.encode_history(ids[i : i + 1], z)[:, 0], together[:, i])
+
+
+def test_pad_item_never_recommended(model, feats):
+    z = model.encode_items(feats)
+    s = score(model.encode_history(histories(), z), candidates(z))
+    assert torch.isneginf(s[:, 0]).all()
+    assert (s.topk(N, dim=1).indices != 0).all()
+
+
+def test_missing_modality_uses_learned_vector(model, feats):
+    pooled = model.pool_items(feats, 0)
+    torch.testing.assert_close(pooled[5], model.missing[0])
+    assert torch.isfinite(model.encode_items(feats)).all()
+
+
+def test_serving_identity(model, feats):
+    known = torch.zeros(N + 1, dtype=torch.bool)
+    known[1:20] = True
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known)
+    inputs = with_ids(model.encode_items(feats), id_emb())
+    h = model.encode_history(histories(), inputs)
+    direct = score(h, candidates(inputs))
+    served = user_vector(h) @ serving_table(inputs).T
+    torch.testing.assert_close(direct[:, 1:], served[:, 1:], atol=1e-5, rtol=1e-5)
+    # Unknown (cold) items are scored from features only.
+    torch.testing.assert_close(inputs[:, 25], model.encode_items(feats)[:, 25])
+
+
+def _grad_names(module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+
+
+def test_every_parameter_gets_a_gradient_in_pretraining(feats):
+    torch.manual_seed(0)
+    model = M2SE(preset("tiny").model, FEAT).train()
+    cfg = TrainConfig()
+    ids, targets = histories(), torch.tensor([4, 9, 13])
+    loss, _ = pretrain_loss(model, feats, ids, targets, cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert _grad_names(model) == set(), "parameters without gradient (attention pooling included)"
+
+
+def test_every_parameter_gets_a_gradient_in_finetuning(feats):
+    torch.manual_seed(0)
+    model = M2SE(preset("tiny").model, FEAT).train()
+    id_emb = ItemIdEmbedding(N, model.cfg.d, torch.ones(N + 1, dtype=torch.bool))
+    loss, _ = finetune_loss(model, id_emb, feats, histories(), torch.tensor([4, 9, 13]), TrainConfig())
+    loss.backward()
+    assert _grad_names(model) == set()
+    assert id_emb.weight.grad.abs().sum() > 0
+
+
+def test_reference_quirks_freeze_pooling(feats):
+    model = M2SE(preset("tiny").model, FEAT).train()
+    cfg = TrainConfig(reference_quirks=True)
+    loss, _ = pretrain_loss(model, feats, histories(), torch.tensor([4, 9, 13]), cfg)
+    loss.backward()
+    assert all(p.grad is None for p in model.pool.parameters())
+
+
+def test_nip_matches_hand_computation():
+    h = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    e = F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0], [0.5, 0.5]]), dim=-1)
+    targets = torch.tensor([4, 7, 4])  # rows 0 and 2 share a target: not each other's negatives
+    tau = 0.5
+    logits = h @ e.T / tau
+    expected = []
+    for i, allowed in enumerate([[0, 1], [0, 1, 2], [1, 2]]):
+        expected.append(-(logits[i, i] - torch.logsumexp(logits[i, allowed], 0)))
+    torch.testing.assert_close(nip_loss(h, e, targets, tau), torch.stack(expected).mean())
+    # Reference quirk: the excluded logit becomes 0 and still counts in the denominator.
+    quirk = []
+    for i, j_excl in enumerate([2, None, 0]):
+        row = logits[i].clone()
+        if j_excl is not None:
+            row[j_excl] = 0.0
+        quirk.append(-(row[i] - torch.logsumexp(row, 0)))
+    torch.testing.assert_close(nip_loss(h, e, targets, tau, quirks=True), torch.stack(quirk).mean())
+
+
+def test_cmcl_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    ht = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    hi = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    targets = torch.tensor([1, 2, 3])  # all distinct: plain NT-Xent
+    tau = 0.2
+    reps = torch.cat([ht, hi])
+    sim = reps @ reps.T / tau
+    losses = []
+    for i in range(6):
+        pos = (i + 3) % 6
+        others = [j for j in range(6) if j != i]
+        losses.append(-(sim[i, pos] - torch.logsumexp(sim[i, others], 0)))
+    torch.testing.assert_close(cmcl_loss(ht, hi, targets, tau), torch.stack(losses).mean())
+
+
+def test_random_drop_keeps_first_and_compacts():
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    dropped = random_drop(ids, 1.0)  # drop everything droppable
+    assert dropped.tolist() == [[5, 0, 0, 0, 0, 0]]
+    assert random_drop(ids, 0.0).tolist() == ids.tolist()
+    g = torch.Generator().manual_seed(3)
+    out = random_drop(ids.repeat(50, 1), 0.5, g)
+    for row in out.tolist():
+        real = [x for x in row if x]
+        assert real[0] == 5 and real == sorted(real)  # order kept
+        assert row[len(real):] == [0] * (6 - len(real))  # compacted left

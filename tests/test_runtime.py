@@ -1,0 +1,443 @@
+"""The serving runtime (mp4sr_rt): torch-free imports, parity of every backend with PyTorch,
+batch independence, unknown items and fallback, items added at serve time, the micro-batcher."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import serving_inputs
+from export.wrappers import HistoryEncoder, ItemTower
+from mp4sr_rt.backends import BACKENDS, BackendUnavailable
+from mp4sr_rt.batching import BatcherClosed, MicroBatcher, Overloaded
+from mp4sr_rt.errors import ArtifactError, UserError
+from mp4sr_rt.manifest import MANIFEST, hash_files
+from mp4sr_rt.scorer import Scorer
+from train.checkpoint import load_checkpoint
+from train.model import serving_table, user_vector
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_K = 20  # < the 60 tiny items, so exclusions can exhaust the scorer's top K
+RUNTIME_MODULES = (
+    "mp4sr_rt", "mp4sr_rt.scorer", "mp4sr_rt.batching", "mp4sr_rt.histories", "mp4sr_rt.manifest",
+    "mp4sr_rt.backends", "mp4sr_rt.backends.onnxruntime", "mp4sr_rt.backends.tensorrt",
+    "mp4sr_rt.commands.score", "mp4sr_rt.cli",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported once per session (shared by path with test_score_cli.py)."""
+    out = tmp_path_factory.getbasetemp() / "tiny_artifacts"
+    if not (out / MANIFEST).is_file():
+        from export.run import export
+
+        export(tiny_run, out, top_k=TOP_K)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_artifacts) -> Scorer:
+    return Scorer(tiny_artifacts, backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_run):
+    return load_checkpoint(tiny_run / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def item_ids(tiny_artifacts) -> list[str]:
+    return json.loads((tiny_artifacts / "items.json").read_text())["items"]
+
+
+def random_histories(item_ids: list[str], count: int, seed: int) -> list[list[str]]:
+    """Lengths 0 to 12 (L is 8: some are truncated), some with ids outside the catalogue."""
+    rng = random.Random(seed)
+    histories = []
+    for _ in range(count):
+        h = [rng.choice(item_ids) for _ in range(rng.randint(0, 12))]
+        if rng.random() < 0.2:
+            h.insert(rng.randint(0, len(h)), f"unknown-{rng.randint(0, 9)}")
+        histories.append(h)
+    return histories
+
+
+def reference_top_k(ckpt, item_ids, histories, k, exclude_seen):
+    """PyTorch: train.model's serving path on the last L known items, full catalogue ranked."""
+    index = {item: i + 1 for i, item in enumerate(item_ids)}
+    max_len = ckpt.cfg.model.max_len
+    known = [[index[i] for i in h if i in index] for h in histories]
+    ids = torch.zeros(len(known), max_len, dtype=torch.long)
+    for row, h in zip(ids, known, strict=True):
+        row[: len(h[-max_len:])] = torch.tensor(h[-max_len:], dtype=torch.long)
+    inputs = serving_inputs(ckpt)
+    with torch.no_grad():
+        user = user_vector(ckpt.model.encode_history(ids, inputs))
+        scores = user @ serving_table(inputs).T  # (B, N + 1)
+    scores[:, 0] = float("-inf")
+    for row, h in zip(scores, known, strict=True):
+        if exclude_seen:
+            row[h] = float("-inf")
+    top = torch.topk(scores, k)
+    return [([item_ids[int(i) - 1] for i in items], s.tolist())
+            for items, s in zip(top.indices, top.values, strict=True)]
+
+
+# -- torch-free runtime ----------------------------------------------------------------------
+
+def test_runtime_never_imports_torch(tiny_artifacts):
+    code = f"""
+import importlib, sys
+for name in {RUNTIME_MODULES!r}:
+    importlib.import_module(name)
+from mp4sr_rt import MicroBatcher, Scorer
+scorer = Scorer({str(tiny_artifacts)!r}, backend="cpu")
+with MicroBatcher(scorer.score) as batcher:
+    batcher.submit([]).result()
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
+# -- backends --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_backend_parity_with_pytorch(backend, tiny_artifacts, ckpt, item_ids):
+    try:
+        runtime = Scorer(tiny_artifacts, backend=backend)
+    except BackendUnavailable as e:
+        pytest.skip(f"{backend} backend absent here: {e}")
+    histories = [h for h in random_histories(item_ids, 64, seed=1) if set(h) & set(item_ids)]
+    for exclude_seen in (False, True):
+        got = runtime.score(histories, k=10, exclude_seen=exclude_seen)
+        want = reference_top_k(ckpt, item_ids, histories, 10, exclude_seen)
+        for rec, (items, scores) in zip(got, want, strict=True):
+            assert rec.fallback is None
+            assert set(rec.items) == set(items)
+            np.testing.assert_allclose(rec.scores, scores, atol=1e-4)
+
+
+def test_auto_picks_a_backend_and_says_which(tiny_artifacts, capsys):
+    runtime = Scorer(tiny_artifacts, backend="auto")
+    assert f"backend: {runtime.backend.name}" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_a_user_error(tiny_artifacts):
+    with pytest.raises(UserError, match="unknown backend 'tpu'"):
+        Scorer(tiny_artifacts, backend="tpu")
+
+
+# -- artifacts -------------------------------------------------------------------------------
+
+@pytest.fixture
+def artifacts_copy(tiny_artifacts, tmp_path) -> Path:
+    out = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, out)
+    return out
+
+
+def rewrite_manifest(directory: Path, change) -> None:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    change(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_corrupted_file_is_named(artifacts_copy):
+    with open(artifacts_copy / "scorer.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ArtifactError, match="scorer.onnx"):
+        Scorer(artifacts_copy, backend="cpu")
+
+
+def test_schema_mismatch_is_named(artifacts_copy):
+    rewrite_manifest(artifacts_copy, lambda m: m.update(schema="mp4sr-artifacts/0"))
+    with pytest.raises(ArtifactError, match="manifest.json.*schema"):
+        Scorer(artifacts_copy, backend="cpu")
+
+
+def test_integer_ids_match_numeric_item_ids(artifacts_copy):
+    """Training data with numeric ids: a history may give them as JSON integers or strings."""
+    vocabulary = json.loads((artifacts_copy / "items.json").read_text())
+    vocabulary["items"] = [str(100 + i) for i in range(len(vocabulary["items"]))]
+    (artifacts_copy / "items.json").write_text(json.dumps(vocabulary))
+    rewrite_manifest(artifacts_copy, lambda m: m.update(files=hash_files(artifacts_copy)))
+    runtime = Scorer(artifacts_copy, backend="cpu")
+    as_ints, as_strings = runtime.score([[101, 105, 130], ["101", "105", "130"]])
+    assert as_ints == as_strings and as_ints.unknown_items == [] and as_ints.fallback is None
+
+
+# -- scoring semantics -----------------------------------------------------------------------
+
+def test_results_do_not_depend_on_the_batch(scorer, item_ids):
+    histories = random_histories(item_ids, 80, seed=2)
+    batched = scorer.score(histories, k=7)
+    assert [scorer.score([h], k=7)[0] for h in histories] == batched
+    assert scorer.score(histories[::-1], k=7) == batched[::-1]
+
+
+def test_long_history_keeps_its_last_l_items(scorer, item_ids):
+    max_len = scorer.max_len
+    long = item_ids[: max_len + 5]
+    assert scorer.score([long], exclude_seen=False) == scorer.score([long[-max_len:]], exclude_seen=False)
+
+
+def test_unknown_items_are_dropped_and_reported(scorer, item_ids):
+    mixed = ["ghost", item_ids[3], 42, item_ids[7], "ghost"]
+    rec, clean = scorer.score([mixed, [item_ids[3], item_ids[7]]])
+    assert rec.unknown_items == ["ghost", 42, "ghost"]
+    assert (rec.items, rec.scores, rec.fallback) == (clean.items, clean.scores, None)
+
+
+def test_no_known_item_falls_back_to_popular(scorer, tiny_artifacts):
+    popularity = json.loads((tiny_artifacts / "items.json").read_text())
+    counts = dict(zip(popularity["items"], popularity["popularity"], strict=True))
+    for history in ([], ["nobody-knows-me"]):
+        rec = scorer.score([history], k=5)[0]
+        assert rec.fallback == "popular"
+        assert rec.unknown_items == history
+        assert rec.scores == sorted(counts.values(), reverse=True)[:5]
+        assert [counts[i] for i in rec.items] == rec.scores
+
+
+def test_exclude_seen_beyond_the_scorers_top_k(scorer, ckpt, item_ids):
+    """More seen items than the scorer's top K leaves: the host ranks the whole catalogue."""
+    history = item_ids[: TOP_K + 5]
+    rec = scorer.score([history], k=10)[0]
+    items, scores = reference_top_k(ckpt, item_ids, [history], 10, exclude_seen=True)[0]
+    assert not set(rec.items) & set(history)
+    assert set(rec.items) == set(items)
+    np.testing.assert_allclose(rec.scores, scores, atol=1e-4)
+
+
+def test_every_item_seen_leaves_nothing(scorer, item_ids):
+    rec = scorer.score([item_ids], k=10)[0]
+    assert (rec.items, rec.fallback) == ([], None)
+
+
+def test_k_must_be_positive(scorer):
+    with pytest.raises(UserError, match="k must be >= 1"):
+        scorer.score([[]], k=0)
+
+
+# -- items added at serve time ---------------------------------------------------------------
+
+def new_features(feat_dim: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    text_mask = np.ones((n, 3), bool)
+    text_mask[0, 2] = False
+    image_mask = np.ones((n, 2), bool)
+    image_mask[-1] = False  # the last new item has no image
+    return {"text_feats": rng.normal(size=(n, 3, feat_dim)).astype(np.float32), "text_mask": text_mask,
+            "image_feats": rng.normal(size=(n, 2, feat_dim)).astype(np.float32), "image_mask": image_mask}
+
+
+def test_added_items_are_scorable_and_usable_in_histories(tiny_artifacts, ckpt, item_ids):
+    runtime = Scorer(tiny_artifacts, backend="cpu")
+    feats = new_features(ckpt.model.feat_dim, 3, seed=3)
+    runtime.add_items(["new-a", "new-b", 7], **feats)
+    assert runtime.num_items == len(item_ids) + 3
+
+    # PyTorch reference: feature-only rows of the new items (SPEC section 4, cold start).
+    with torch.no_grad():
+        table, inputs = ItemTower(ckpt.model)(*(torch.from_numpy(feats[n]) for n in
+                                                ("text_feats", "text_mask", "image_feats", "image_mask")))
+    history = [item_ids[1], item_ids[2]]
+    everything = runtime.score([history], k=runtime.num_items, exclude_seen=False)[0]
+    assert {"new-a", "new-b", 7} <= set(everything.items)
+    assert everything.scores == sorted(everything.scores, reverse=True)
+    user = reference_user(ckpt, [history])
+    for j, item in enumerate(["new-a", "new-b", 7]):
+        got = everything.scores[everything.items.index(item)]
+        assert got == pytest.approx(float(user[0] @ table[j]), abs=1e-4)
+
+    # A history holding new items goes through the history encoder (no fallback).
+    rec = runtime.score([["new-a", item_ids[4], 7]], k=5)[0]
+    assert rec.fallback is None and rec.unknown_items == []
+    assert not {"new-a", 7, item_ids[4]} & set(rec.items)
+    with torch.no_grad():
+        rows = serving_inputs(ckpt)  # (2, N + 1, d); item_ids[4] is row 5
+        seq = torch.stack([inputs[0], torch.cat([rows[0, 5], rows[1, 5]]), inputs[2]])
+        user = HistoryEncoder(ckpt.model)(seq[None], torch.tensor([3]))[0]
+        scores = torch.cat([serving_table(rows)[1:] @ user, table @ user])  # trained, then new
+    scores[[4, len(item_ids), len(item_ids) + 2]] = float("-inf")  # the history's own items
+    np.testing.assert_allclose(rec.scores, torch.topk(scores, 5).values.numpy(), atol=1e-4)
+
+
+def reference_user(ckpt, histories: list[list[str]]) -> torch.Tensor:
+    index = {item: i + 1 for i, item in enumerate(ckpt.item_ids)}
+    ids = torch.tensor([[index[i] for i in h] for h in histories])
+    with torch.no_grad():
+        return user_vector(ckpt.model.encode_history(ids, serving_inputs(ckpt)))
+
+
+def test_new_item_is_retrieved(tiny_artifacts, ckpt, item_ids):
+    """A new twin of a history's best item (same features, but no ID embedding, as every new
+    item) is retrieved right beside it, without retraining."""
+    runtime = Scorer(tiny_artifacts, backend="cpu")
+    history = [item_ids[10], item_ids[11], item_ids[12]]
+    best = runtime.score([history], k=1)[0].items[0]
+    runtime.add_items(["twin"], **load_features(ckpt, [item_ids.index(best) + 1]))
+    after = runtime.score([history], k=3)[0]
+    assert "twin" in after.items[:2] and best in after.items[:2]
+
+
+def load_features(ckpt, indices: list[int]) -> dict[str, np.ndarray]:
+    from train.features.store import align, read_features
+
+    arrays = read_features(Path(ckpt.meta["features"]["path"]))
+    rows = align(arrays, ckpt.item_ids, "features")
+    return {name: np.asarray(rows[name])[indices].astype(bool if "mask" in name else np.float32)
+            for name in ("text_feats", "text_mask", "image_feats", "image_mask")}
+
+
+@pytest.mark.parametrize(("ids", "features", "message"), [
+    ([], {}, "no item ids"),
+    (["x", "x"], {"text_feats": (2, 3)}, "duplicate"),
+    (["item00000"], {"text_feats": (1, 3)}, "already in the catalogue"),
+    ([True], {"text_feats": (1, 3)}, "not a string or an integer"),
+    (["x"], {"text_feats": (1, 2, 5)}, "must have shape"),
+    (["x"], {"text_feats": (1, 3), "text_mask": (1, 2)}, "text_mask must be bool of shape"),
+    (["x"], {"image_mask": (1, 2)}, "image_mask given without image_feats"),
+    (["x"], {"colour": (1,)}, "unknown feature 'colour'"),
+    (["x"], {}, "give text_feats and/or image_feats"),
+    (["x"], {"texts": [["a red tent"]]}, "carries no text_encoder"),
+])
+def test_add_items_rejects_bad_input(scorer, ids, features, message):
+    """Shapes stand for arrays: (n, slots) a bool mask, (n, slots[, F]) features of that shape."""
+    def array(name, shape):
+        if not isinstance(shape, tuple):
+            return shape
+        if name.endswith("mask"):
+            return np.ones(shape, bool)
+        return np.ones(shape if len(shape) == 3 else (*shape, scorer._feature_dim()), np.float32)
+
+    before = scorer.num_items
+    with pytest.raises(UserError, match=message):
+        scorer.add_items(ids, **{name: array(name, shape) for name, shape in features.items()})
+    assert scorer.num_items == before
+
+
+def test_add_items_rejects_non_finite_features(scorer):
+    feats = new_features(scorer._feature_dim(), 1, seed=0)
+    feats["image_feats"][0, 0, 0] = np.nan
+    with pytest.raises(UserError, match="image_feats holds NaN"):
+        scorer.add_items(["x"], **feats)
+
+
+# -- micro-batcher ---------------------------------------------------------------------------
+
+def test_batcher_serves_concurrent_threads_their_own_results(scorer, item_ids):
+    histories = random_histories(item_ids, 400, seed=4)
+    expected = [scorer.score([h], k=5)[0] for h in histories]
+    sizes = []
+
+    def run(batch):
+        sizes.append(len(batch))
+        return scorer.score(batch, k=5)
+
+    results: dict[int, object] = {}
+    with MicroBatcher(run, max_batch=32, max_delay_ms=5) as batcher:
+        def client(rows):
+            for i in rows:
+                results[i] = batcher.submit(histories[i]).result(timeout=30)
+
+        threads = [threading.Thread(target=client, args=(range(t, 400, 16),)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [results[i] for i in range(400)] == expected
+    assert sum(sizes) == 400 and max(sizes) <= 32 and max(sizes) > 1
+
+
+def test_batcher_waits_at_most_max_delay():
+    with MicroBatcher(lambda xs: [x + 1 for x in xs], max_batch=64, max_delay_ms=20) as batcher:
+        start = time.perf_counter()
+        assert batcher.submit(1).result(timeout=5) == 2
+        assert time.perf_counter() - start < 1.0
+
+
+def blocked_batcher(max_queue: int):
+    """A batcher whose first batch blocks until `release` is set."""
+    release, started = threading.Event(), threading.Event()
+
+    def run(batch):
+        started.set()
+        release.wait(10)
+        return [x * 10 for x in batch]
+
+    return MicroBatcher(run, max_batch=1, max_delay_ms=0, max_queue=max_queue), release, started
+
+
+def test_full_queue_raises_overloaded_and_recovers():
+    batcher, release, started = blocked_batcher(max_queue=3)
+    first = batcher.submit(0)
+    started.wait(5)
+    queued = [batcher.submit(i) for i in range(1, 4)]
+    with pytest.raises(Overloaded, match="overloaded"):
+        batcher.submit(99)
+    release.set()
+    assert [f.result(timeout=5) for f in [first, *queued]] == [0, 10, 20, 30]
+    assert batcher.submit(5).result(timeout=5) == 50
+    batcher.close()
+
+
+def test_close_with_drain_finishes_every_pending_request():
+    batcher, release, started = blocked_batcher(max_queue=100)
+    futures = [batcher.submit(i) for i in range(20)]
+    started.wait(5)
+    threading.Timer(0.05, release.set).start()
+    batcher.close(drain=True)
+    assert [f.result(timeout=0) for f in futures] == [i * 10 for i in range(20)]
+    with pytest.raises(BatcherClosed):
+        batcher.submit(1)
+
+
+def test_close_without_drain_fails_pending_requests_never_drops_them():
+    batcher, release, started = blocked_batcher(max_queue=100)
+    futures = [batcher.submit(i) for i in range(20)]
+    started.wait(5)
+    threading.Timer(0.05, release.set).start()
+    batcher.close(drain=False)
+    assert futures[0].result(timeout=0) == 0  # already running: it finishes
+    for f in futures[1:]:
+        with pytest.raises(BatcherClosed):
+            f.result(timeout=0)
+
+
+def test_failing_batch_fails_its_callers_and_the_batcher_goes_on():
+    def run(batch):
+        if "bad" in batch:
+            raise ValueError("bad request in batch")
+        return batch
+
+    with MicroBatcher(run, max_batch=8, max_delay_ms=50) as batcher:
+        futures = [batcher.submit(x) for x in ("a", "bad", "c")]
+        for f in futures:
+            with pytest.raises(ValueError, match="bad request"):
+                f.result(timeout=5)
+        assert batcher.submit("d").result(timeout=5) == "d"
+
+
+def test_cancelled_request_is_left_out_of_its_batch():
+    batcher, release, started = blocked_batcher(max_queue=10)
+    batcher.submit(0)
+    started.wait(5)
+    cancelled, kept = batcher.submit(1), batcher.submit(2)
+    assert cancelled.cancel()
+    release.set()
+    assert kept.result(timeout=5) == 20
+    batcher.close()

@@ -1,0 +1,133 @@
+"""Training end to end: the CLI, the run directory, resume after a kill, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import config as config_lib
+from train.config import preset
+
+CLI = [sys.executable, "-m", "mp4sr_rt.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_tiny_run_directory(tiny_run):
+    ckpt = tiny_run / "checkpoint"
+    for name in ("model.safetensors", "items.safetensors", "config.json"):
+        assert (ckpt / name).is_file()
+    sidecar = json.loads((ckpt / "config.json").read_text())
+    assert sidecar["schema"] == "mp4sr-checkpoint/1"
+    assert config_lib.from_dict(sidecar["config"]) == preset("tiny")
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for k in (5, 10, 20, 50):
+        for m in ("recall", "ndcg", "mrr"):
+            assert 0.0 <= metrics["finetune"]["test"][f"{m}@{k}"] <= 1.0
+    assert "popularity" in metrics["baselines"]
+    assert (tiny_run / "curves.png").stat().st_size > 1000
+
+
+def test_checkpoint_roundtrip_scores_identically(tiny_run, tiny_data_dir):
+    import torch
+
+    from train.checkpoint import load_checkpoint
+    from train.data import load_or_preprocess
+    from train.run import load_item_features
+    from train.tasks import full_scores
+
+    ckpt = load_checkpoint(tiny_run / "checkpoint")
+    data, _ = load_or_preprocess(tiny_data_dir, tiny_run / "cache", 8, 5)
+    feats, _ = load_item_features(tiny_data_dir / "features.safetensors", data, torch.device("cpu"))
+    ids = torch.as_tensor(data.test.histories[:16])
+    with torch.inference_mode():
+        torch.testing.assert_close(ckpt.model.encode_items(feats), ckpt.z)
+        s = full_scores(ckpt.model, feats, ids, ckpt.id_emb)
+    assert torch.isfinite(s[:, 1:]).all()
+
+
+def test_cli_train_tiny_then_refuses_to_clobber(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+            tiny_data_dir / "features.safetensors", "--out", out, "--epochs", "1", "--quiet"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "NDCG@10 vs popularity" in r.stderr
+    again = run_cli(*args)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished earlier" in resumed.stderr
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
+    from train import loop
+    from train.run import train
+
+    cfg = config_lib.replace(preset("tiny"), {"train.pretrain.epochs": 2, "train.finetune.epochs": 2})
+    feats = tiny_data_dir / "features.safetensors"
+    full = train(cfg, tiny_data_dir, feats, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    real_epoch = loop.StageRunner._epoch
+
+    def dying_epoch(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed during the first fine-tuning epoch
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(loop.StageRunner, "_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tiny_data_dir, feats, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(loop.StageRunner, "_epoch", real_epoch)
+    resumed = train(cfg, tiny_data_dir, feats, tmp_path / "killed", resume=True, progress=False)
+    assert resumed["finetune"]["test"] == pytest.approx(full["finetune"]["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/interactions.csv", "--features", "/nonexistent/f.safetensors"], "not found"),
+        (["--preset", "huge"], "unknown preset"),
+        (["--stage", "everything"], "unknown stage"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
+    r = run_cli("train", "--out", tmp_path / "run", *args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_features_file_that_does_not_match_the_data(tiny_data_dir, tmp_path):
+    import numpy as np
+
+    from train.features.store import FeatureArrays, read_features, save_features
+
+    arrays = read_features(tiny_data_dir / "features.safetensors")
+    keep = slice(0, len(arrays.item_ids) // 2)
+    partial = FeatureArrays(arrays.item_ids[keep], *(np.asarray(getattr(arrays, k))[keep] for k in
+                            ("text_feats", "text_mask", "image_feats", "image_mask")), meta=arrays.meta)
+    save_features(tmp_path / "half.safetensors", partial)
+    r = run_cli("train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+                tmp_path / "half.safetensors", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "have no features" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    r = run_cli("train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+                tmp_path / "junk.safetensors", "--out", tmp_path / "run2")
+    assert r.returncode == 2 and "unreadable" in r.stderr
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(config_lib.UserError, match="unknown key"):
+        config_lib.replace(preset("tiny"), {"train.pretrain.epochz": 3})
+    with pytest.raises(config_lib.UserError, match="unknown key"):
+        config_lib.from_dict({**config_lib.to_dict(preset("tiny")), "extra": 1})
