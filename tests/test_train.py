@@ -131,3 +131,16 @@ def test_config_rejects_unknown_keys():
         config_lib.replace(preset("tiny"), {"train.pretrain.epochz": 3})
     with pytest.raises(config_lib.UserError, match="unknown key"):
         config_lib.from_dict({**config_lib.to_dict(preset("tiny")), "extra": 1})
+
+
+def test_stages_run_separately_chain_through_the_run_directory(tiny_data_dir, tmp_path):
+    base = ["train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+            tiny_data_dir / "features.safetensors", "--out", tmp_path / "run", "--epochs", "1", "--quiet"]
+    pre = run_cli(*base, "--stage", "pretrain")
+    assert pre.returncode == 0, pre.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "test" in metrics["pretrain"] and "finetune" not in metrics
+    fine = run_cli(*base, "--stage", "finetune", "--resume")
+    assert fine.returncode == 0, fine.stderr
+    assert "starting from the pre-trained weights" in fine.stderr
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["stage"] == "finetune"

@@ -219,8 +219,8 @@ class StageRunner:
         )
 
 
-def run_fingerprint(cfg: Config, data_key: str, features_sha: str, stage: str) -> dict[str, Any]:
-    return {"config": config_lib.to_dict(cfg), "data": data_key, "features_sha256": features_sha, "stage": stage}
+def run_fingerprint(cfg: Config, data_key: str, features_sha: str) -> dict[str, Any]:
+    return {"config": config_lib.to_dict(cfg), "data": data_key, "features_sha256": features_sha}
 
 
 def check_or_write_run(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:

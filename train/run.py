@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
-from train.checkpoint import Checkpoint, file_sha256, save_checkpoint
+from train.checkpoint import Checkpoint, file_sha256, load_state, save_checkpoint
 from train.config import Config
 from train.data import default_demo_dir, demo_features, generate_demo, load_or_preprocess
 from train.data.types import SplitData
@@ -76,7 +77,7 @@ def train(
     split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
     feats, feat_meta = load_item_features(features_path, split, dev)
     features_sha = file_sha256(features_path)
-    check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha, stage), resume, overwrite)
+    check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
     log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
@@ -96,8 +97,12 @@ def train(
     id_emb = None
     if stage in ("all", "finetune"):
         pretrained = out / "stages" / "pretrain" / "best.safetensors"
-        if stage == "finetune" and not pretrained.is_file():
-            log("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
+        if stage == "finetune":
+            if pretrained.is_file():
+                load_state(load_file(str(pretrained), device=str(dev)), model, None)
+                log(f"finetune: starting from the pre-trained weights in {pretrained.parent}")
+            else:
+                log("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
         known = torch.as_tensor(split.train_counts > 0)
         id_emb = ItemIdEmbedding(split.num_items, cfg.model.d, known).to(dev)
         runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
