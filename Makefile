@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/mp4sr-rt score examples/history.json
 
 test: $(STAMP)
+	-bash examples/cpp/fetch_ort_headers.sh  # onnxruntime C headers for the C++ example's test
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

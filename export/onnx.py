@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from export.wrappers import HistoryEncoder, ItemTower, Scorer
+from export.wrappers import HistoryEncoder, ImageEncoder, ItemTower, Scorer, SentenceEncoder
 from train.checkpoint import Checkpoint
 from train.model import with_ids
 
@@ -75,11 +75,31 @@ def model_specs(ckpt: Checkpoint, k: int) -> list[ModelSpec]:
     ]
 
 
-def export_onnx(spec: ModelSpec, path: Path, max_len: int) -> None:
-    """Trace `spec.module` to an fp32 ONNX file at `path`; `history` axes stop at max_len positions."""
-    dims: dict[str, Dim] = {}
-    for name in {n for axes in spec.dynamic_axes.values() for n in axes.values()}:
-        dims[name] = Dim(name, max=max_len) if name == "history" else Dim(name)
+def encoder_specs(text, clip) -> list[ModelSpec]:
+    """The feature extractors (train/features) that made the run's features: a TextEncoder and,
+    if the items had images, a Clip; traced on a padded batch of two sentences."""
+    tokens = text.tokenizer(["A red tent.", "It sleeps four people in the rain."], padding=True, return_tensors="pt")
+    specs = [ModelSpec("text_encoder", SentenceEncoder(text.model, text.pooling, text.normalize),
+                       (tokens["input_ids"], tokens["attention_mask"]), ("input_ids", "attention_mask"), ("vectors",),
+                       {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}})]
+    if clip is not None:
+        size = image_size(clip)
+        pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        specs.append(ModelSpec("image_encoder", ImageEncoder(clip.model), (pixels,), ("pixels",), ("vectors",),
+                               {"pixels": {0: "batch"}}))
+    return specs
+
+
+def image_size(clip) -> int:
+    size = clip.model.visual.image_size
+    return size[0] if isinstance(size, tuple | list) else int(size)
+
+
+def export_onnx(spec: ModelSpec, path: Path, limits: dict[str, int]) -> None:
+    """Trace `spec.module` to an fp32 ONNX file at `path`; `limits` caps named axes (history <=
+    max_len positions, tokens <= the text encoder's maximum)."""
+    dims = {n: Dim(n, max=limits[n]) if n in limits else Dim(n)
+            for axes in spec.dynamic_axes.values() for n in axes.values()}
     shapes = tuple({axis: dims[n] for axis, n in spec.dynamic_axes[i].items()} for i in spec.inputs)
     spec.module.eval()
     with warnings.catch_warnings(), torch.no_grad():

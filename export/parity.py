@@ -5,11 +5,13 @@ user_vector, encode_items), not the export wrappers, so the gate also checks the
 Histories are right-padded random item ids with random lengths (padding in most rows).
 
     figures = check_all(ckpt, runners, k)          # {role: {backend: {figure: value}}}
-    failures = gate(figures, "fp16")               # [] when every model passes
+    failures = gate(figures, {"scorer": "fp16", ...})  # per model precision; [] when all pass
 
-Each model yields the same figures: `max_abs_diff` of its float outputs, and the top-10 / top-1
-agreement of the rankings it produces (the scorer's items; the others' vectors ranked by dot
-product) with the reference's, averaged over `rows` histories (or new items).
+Each recommender model yields the same figures: `max_abs_diff` of its float outputs, and the
+top-10 / top-1 agreement of the rankings it produces (the scorer's items; the others' vectors
+ranked by dot product) with the reference's, averaged over `rows` histories. The feature
+extractors (text_encoder, image_encoder; always fp32) yield `max_abs_diff` over `rows` inputs
+against train.features' own encode functions.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def ort_runner(path: Path) -> Runner:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(names, session.run(None, feeds)))
+    return lambda feeds: dict(zip(names, session.run(None, feeds), strict=True))
 
 
 def histories(rng: np.random.Generator, num_items: int, batch: int, length: int) -> np.ndarray:
@@ -75,7 +77,7 @@ def top_items(scores: np.ndarray, top: int) -> np.ndarray:
 
 def agreement(ref: np.ndarray, got: np.ndarray, top: int) -> dict[str, float]:
     """Mean top-`top` set overlap and top-1 equality of two (rows, >= top) item rankings."""
-    overlap = [len(set(r[:top]) & set(g[:top])) / top for r, g in zip(ref, got)]
+    overlap = [len(set(r[:top]) & set(g[:top])) / top for r, g in zip(ref, got, strict=True)]
     return {f"top{TOP}_agreement": float(np.mean(overlap)),
             "top1_agreement": float(np.mean(ref[:, 0] == got[:, 0]))}
 
@@ -110,9 +112,10 @@ def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) ->
     """New items from random features (some lacking a modality), ranked for real users."""
     n, feat_dim = MIN_ROWS + 44, ckpt.model.feat_dim
     feeds = {}
-    for name, slots, missing in zip(("text", "image"), SLOTS, (slice(0, n // 10), slice(-n // 10, None))):
+    missing = (slice(0, n // 10), slice(-n // 10, None))  # text lacking in the first tenth, image in the last
+    for name, slots, lacking in zip(("text", "image"), SLOTS, missing, strict=True):
         mask = rng.random((n, slots)) < 0.7
-        mask[missing] = False  # items without this modality (the learned missing vector), not both
+        mask[lacking] = False  # these items get the learned missing vector for this modality
         feeds[f"{name}_feats"] = rng.standard_normal((n, slots, feat_dim)).astype(np.float32)
         feeds[f"{name}_mask"] = mask
     # encode_items treats row 0 as padding (zeroed): prepend one and drop it again.
@@ -144,31 +147,61 @@ def check_history_encoder(ckpt: Checkpoint, run: Runner, rng: np.random.Generato
             **agreement(top_items(ref @ table.T, top), top_items(got @ table.T, top), top)}
 
 
-def check_all(ckpt: Checkpoint, runners: dict[tuple[str, str], Runner], k: int) -> dict:
-    """Figures for each (role, backend) runner: {role: {backend: figures}}."""
+def check_text_encoder(text, run: Runner, rng: np.random.Generator) -> dict:
+    """Sentences of 1 to 40 words (padded batches of 1 and 9, truncation included) against
+    TextEncoder.encode."""
+    words = "red tent sleeps four people rain light waterproof stove lantern green kg".split()
+    sentences = [" ".join(rng.choice(words, size=n)) for n in rng.integers(1, 41, size=10)]
+    sentences[-1] = " ".join(["tent"] * (text.max_length + 8))  # longer than the encoder's maximum
+    max_abs = 0.0
+    for batch in (sentences[:1], sentences[1:]):
+        tokens = text.tokenizer(batch, padding=True, truncation=True, max_length=text.max_length,
+                                return_tensors="np")
+        out = run({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
+        max_abs = max(max_abs, float(np.abs(out["vectors"] - text.encode(batch)).max()))
+    return {"rows": len(sentences), "max_abs_diff": max_abs}
+
+
+def check_image_encoder(clip, run: Runner, rng: np.random.Generator) -> dict:
+    """Random images of several sizes, preprocessed as Clip does, against Clip.encode_images."""
+    from PIL import Image
+
+    images = [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+              for h, w in ((20, 24), (64, 48), (300, 200), (33, 33), (224, 224))]
+    pixels = np.stack([clip.preprocess(image).numpy() for image in images])
+    out = run({"pixels": pixels})
+    return {"rows": len(images), "max_abs_diff": float(np.abs(out["vectors"] - clip.encode_images(images)).max())}
+
+
+def check_all(ckpt: Checkpoint, runners: dict[tuple[str, str], Runner], k: int, text=None, clip=None) -> dict:
+    """Figures for each (role, backend) runner: {role: {backend: figures}}; `text` and `clip` are
+    the feature extractors behind text_encoder and image_encoder."""
+    checks = {
+        "scorer": lambda run, rng: check_scorer(ckpt, run, k, rng),
+        "item_tower": lambda run, rng: check_item_tower(ckpt, run, rng),
+        "history_encoder": lambda run, rng: check_history_encoder(ckpt, run, rng),
+        "text_encoder": lambda run, rng: check_text_encoder(text, run, rng),
+        "image_encoder": lambda run, rng: check_image_encoder(clip, run, rng),
+    }
     figures: dict[str, dict] = {}
     for (role, backend), run in runners.items():
-        rng = np.random.default_rng(0)
-        if role == "scorer":
-            result = check_scorer(ckpt, run, k, rng)
-        elif role == "item_tower":
-            result = check_item_tower(ckpt, run, rng)
-        else:
-            result = check_history_encoder(ckpt, run, rng)
-        figures.setdefault(role, {})[backend] = result
+        figures.setdefault(role, {})[backend] = checks[role](run, np.random.default_rng(0))
     return figures
 
 
-def gate(figures: dict, precision: str) -> list[str]:
-    """Failures (empty when all pass): fp32 on exactness, fp16 on ranking agreement."""
+def gate(figures: dict, precisions: dict[str, str]) -> list[str]:
+    """Failures (empty when all pass), per model precision: fp32 on exactness, fp16 on ranking
+    agreement. The feature extractors (no ranking figures) are judged on exactness alone."""
     failures = []
     for role, per_backend in figures.items():
+        precision = precisions[role]
         for backend, f in per_backend.items():
             where = f"{role} ({backend}, {precision})"
-            top10 = f[f"top{TOP}_agreement"]
+            ranked = f"top{TOP}_agreement" in f
+            top10 = f.get(f"top{TOP}_agreement", 1.0)
             if f.get("padding_returned"):
                 failures.append(f"{where}: returned the padding item")
-            if f["rows"] < MIN_ROWS:
+            if ranked and f["rows"] < MIN_ROWS:
                 failures.append(f"{where}: only {f['rows']} rows checked (< {MIN_ROWS})")
             if precision == "fp32" and (f["max_abs_diff"] > FP32_MAX_ABS or top10 < FP32_TOP10):
                 failures.append(f"{where}: max |diff| {f['max_abs_diff']:.2e} (limit {FP32_MAX_ABS:.0e}), "

@@ -23,10 +23,21 @@ from typing import Any
 import numpy as np
 
 from export import parity, tensorrt, triton
-from export.onnx import OPSET, convert_fp16, describe, export_onnx, model_specs, serving_inputs
+from export.onnx import (
+    OPSET,
+    convert_fp16,
+    describe,
+    encoder_specs,
+    export_onnx,
+    image_size,
+    model_specs,
+    serving_inputs,
+)
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.manifest import MANIFEST, SCHEMA, file_sha256, hash_files
 from train.checkpoint import Checkpoint, load_checkpoint
+
+EXTRACTORS = ("text_encoder", "image_encoder")
 
 
 def log(msg: str) -> None:
@@ -111,30 +122,122 @@ def publish(staging: Path, dest: Path) -> None:
 
 def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, k: int,
                     max_batch: int, trt: bool) -> dict[str, Any]:
-    precision = "fp16" if fp16 else "fp32"
+    text, clip, vocabulary = load_extractors(ckpt)
+    limits = {"history": ckpt.cfg.model.max_len} | ({"tokens": text.max_length} if text else {})
+    specs = model_specs(ckpt, k) + (encoder_specs(text, clip) if text else [])
     models = {}
-    for spec in model_specs(ckpt, k):
+    for spec in specs:
+        # The feature extractors stay fp32 under --fp16: they run once per new item, off the
+        # request path, and fp32 reproduces the features the model was trained on.
+        precision = "fp16" if fp16 and spec.role not in EXTRACTORS else "fp32"
         path = staging / spec.file
         log(f"export: {spec.file} ({precision})")
-        export_onnx(spec, path, ckpt.cfg.model.max_len)
-        if fp16:
+        export_onnx(spec, path, limits)
+        if precision == "fp16":
             convert_fp16(path)
         models[spec.role] = {"file": spec.file, "opset": OPSET, "precision": precision, **describe(path)}
     write_catalogue(ckpt, staging)
+    preprocessing = write_extractor_files(text, clip, vocabulary, ckpt.meta["features"], staging) if text else None
 
     runners = {(role, "onnxruntime"): parity.ort_runner(staging / m["file"]) for role, m in models.items()}
     if trt:
-        runners.update(build_engines(models, staging, max_batch, ckpt.cfg.model.max_len))
+        runners.update(build_engines(models, staging, max_batch, limits))
     log(f"parity: {len(runners)} model(s) against PyTorch")
-    figures = parity.check_all(ckpt, runners, k)
-    failures = parity.gate(figures, precision)
+    figures = parity.check_all(ckpt, runners, k, text, clip)
+    failures = parity.gate(figures, {role: m["precision"] for role, m in models.items()})
     if failures:
         raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
 
-    manifest = build_manifest(ckpt, run_dir, models, figures, precision, k, max_batch, trt)
+    manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt)
+    if preprocessing:
+        manifest["preprocessing"] = preprocessing
     manifest["files"] = hash_files(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def load_extractors(ckpt: Checkpoint) -> tuple[Any, Any, list[str] | None]:
+    """(TextEncoder, Clip, CLIP vocabulary) that made the run's features, each None when absent.
+
+    Present only when `mp4sr-rt features` made the features file (the demo's latent features
+    have no extractor) and the encoders still load with the identity recorded in it; otherwise
+    the export goes on without them and says why."""
+    features = ckpt.meta.get("features", {})
+    if "encoder_sha256" not in features:
+        return None, None, None
+    try:
+        text = load_text_encoder(features, ckpt.model.feat_dim)
+    except UserError as e:
+        log(f"note: no text_encoder / image_encoder in the artifacts: {e}")
+        return None, None, None
+    if features.get("clip_model", "none") == "none":
+        return text, None, None
+    try:
+        clip, vocabulary = load_clip(features, ckpt.meta.get("data"))
+    except UserError as e:
+        log(f"note: no image_encoder in the artifacts: {e}")
+        return text, None, None
+    return text, clip, vocabulary
+
+
+def load_text_encoder(features: dict, feat_dim: int):
+    from train.features.text import DEFAULT_ENCODER, TextEncoder
+
+    name = None if features["encoder"] == DEFAULT_ENCODER else features["encoder"]
+    text = TextEncoder.load(name, "cpu", features.get("text_pooling", "auto").split("+")[0])
+    if text.identity != features["encoder_sha256"] or text.dim != feat_dim:
+        raise UserError(f"the text encoder {features['encoder']} changed since the features were made")
+    return text
+
+
+def load_clip(features: dict, data: str | None):
+    from train.data import read_dataset
+    from train.features.image import Clip, build_vocabulary
+
+    weights = json.loads(features.get("clip_weights", "null"))
+    clip = Clip.load(features["clip_model"], Path(weights["path"]) if weights else None)
+    if clip.identity != features.get("clip_sha256"):
+        raise UserError(f"the CLIP model {features['clip_model']} changed since the features were made")
+    if data is None or not Path(data).exists():
+        raise UserError(f"the run's data {data} is gone, and the CLIP vocabulary is made from its item texts")
+    raw = read_dataset(data)
+    vocabulary = build_vocabulary(s for info in raw.item_info.values() for s in info.sentences)
+    if str(len(vocabulary)) != features.get("vocabulary_size"):
+        raise UserError(f"the item texts of {data} changed since the features were made")
+    return clip, vocabulary
+
+
+def write_extractor_files(text, clip, vocabulary: list[str] | None, features: dict, staging: Path) -> dict:
+    """tokenizer/, and with images vocabulary.json + clip_words.npy; returns the manifest's
+    `preprocessing` entry: what a caller does before and after the encoders."""
+    from train.features.text import MAX_SENTENCES
+
+    text.tokenizer.save_pretrained(staging / "tokenizer")
+    preprocessing: dict[str, Any] = {"text": {
+        "tokenizer": "tokenizer", "max_tokens": text.max_length, "pooling": text.pooling_label,
+        "max_sentences": MAX_SENTENCES,
+        "sentences": "text fields in order (title first) split at . ! ? followed by whitespace, after "
+                     "CJK full stops and at line breaks; whitespace collapsed; one vector per sentence",
+    }}
+    if clip is None:
+        return preprocessing
+    from train.features.extract import MAX_IMAGES
+    from train.features.image import PROMPT
+
+    words = np.concatenate([clip.encode_words(vocabulary[i:i + 256]) for i in range(0, len(vocabulary), 256)])
+    np.save(staging / "clip_words.npy", words.astype(np.float32))  # (W, D) unit rows
+    (staging / "vocabulary.json").write_text(json.dumps(vocabulary) + "\n", encoding="utf-8")
+    normalize = next(t for t in clip.preprocess.transforms if hasattr(t, "mean"))
+    preprocessing["image"] = {
+        "image_size": image_size(clip), "layout": "NCHW float32, RGB",
+        "resize": "shorter side to image_size (bicubic, antialiased), then a centre crop",
+        "scale": 1 / 255, "mean": list(normalize.mean), "std": list(normalize.std),
+        "max_images": MAX_IMAGES, "words": int(features.get("image_tokens", 15)), "prompt": PROMPT,
+        "vocabulary": "vocabulary.json", "word_vectors": "clip_words.npy",
+        "describe": "per image: the `words` vocabulary words of highest image . word_vectors (ties to the "
+                    "earlier word), best first, joined by spaces -> one sentence for text_encoder",
+    }
+    return preprocessing
 
 
 def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
@@ -146,9 +249,9 @@ def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
     np.save(staging / "item_inputs.npy", rows)
 
 
-def build_engines(models: dict, staging: Path, max_batch: int, max_len: int) -> dict:
+def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str, int]) -> dict:
     """A TensorRT engine next to each ONNX file; returns their parity runners."""
-    ranges = tensorrt.profile_ranges(max_batch, max_len)
+    ranges = tensorrt.profile_ranges(max_batch, limits)
     runners = {}
     for role, model in models.items():
         engine = f"{role}.plan"
@@ -198,14 +301,18 @@ def tool_versions(trt: bool) -> dict[str, str]:
 
 def summary(manifest: dict, out: Path, seconds: float) -> str:
     files = manifest["files"]
-    lines = [f"\n== mp4sr-rt export: {out} ({manifest['precision']}, top {manifest['top_k']}, "
-             f"{seconds:.1f} s) ==",
-             f"{'file':24s}{'size':>12s}   parity vs PyTorch"]
+    lines = [f"\n== mp4sr-rt export: {out} ({manifest['precision']}, top {manifest['top_k']}, {seconds:.1f} s) ==",
+             f"{'file':28s}{'size':>12s}   parity vs PyTorch"]
     figures = {m["file"]: manifest["parity"][role] for role, m in manifest["models"].items()}
     for name, entry in files.items():
-        checks = "; ".join(f"{backend}: max|diff| {f['max_abs_diff']:.1e}, top-10 {f['top10_agreement']:.4f}, "
-                           f"top-1 {f['top1_agreement']:.4f} ({f['rows']} rows)"
-                           for backend, f in figures.get(name, {}).items())
-        lines.append(f"{name:24s}{entry['bytes'] / 1024:>9.1f} KB   {checks}")
-    lines.append(f"{'total':24s}{sum(e['bytes'] for e in files.values()) / 1024:>9.1f} KB")
+        checks = "; ".join(f"{backend}: {describe_figures(f)}" for backend, f in figures.get(name, {}).items())
+        lines.append(f"{name:28s}{entry['bytes'] / 1024:>9.1f} KB   {checks}")
+    lines.append(f"{'total':28s}{sum(e['bytes'] for e in files.values()) / 1024:>9.1f} KB")
     return "\n".join(lines)
+
+
+def describe_figures(f: dict) -> str:
+    text = f"max|diff| {f['max_abs_diff']:.1e}"
+    if "top10_agreement" in f:
+        text += f", top-10 {f['top10_agreement']:.4f}, top-1 {f['top1_agreement']:.4f}"
+    return text + f" ({f['rows']} rows)"

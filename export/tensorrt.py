@@ -37,12 +37,13 @@ def require() -> Any:
     return trt
 
 
-def profile_ranges(max_batch: int, max_len: int) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) per symbolic axis; opt is a typical serving batch and full-length histories
-    (clients pad histories to max_len so that requests batch together)."""
+def profile_ranges(max_batch: int, limits: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per symbolic axis. opt: a typical serving batch, and the longest history or
+    sentence (`limits`: clients pad histories to max_len so that requests batch together)."""
     batch = (1, min(256, max_batch), max_batch)
-    return {"batch": batch, "n": batch, "history": (1, max_len, max_len),
-            "text_slots": (1, MAX_SLOTS, MAX_SLOTS), "image_slots": (1, MAX_SLOTS, MAX_SLOTS)}
+    ranges = {"batch": batch, "n": batch, "text_slots": (1, MAX_SLOTS, MAX_SLOTS),
+              "image_slots": (1, MAX_SLOTS, MAX_SLOTS)}
+    return ranges | {axis: (1, limit, limit) for axis, limit in limits.items()}
 
 
 def input_profile(inputs: list[dict], ranges: dict[str, tuple[int, int, int]]) -> dict[str, list[list[int]]]:

@@ -3,6 +3,8 @@
     Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, 2d)
     ItemTower(model)(text, text_mask, image, image_mask)  -> table (n, 2d), inputs (n, 2d)
     HistoryEncoder(model)(inputs, lengths)                -> user (B, 2d)
+    SentenceEncoder(bert, pooling, normalize)(input_ids, attention_mask) -> vectors (B, F)
+    ImageEncoder(clip)(pixels)                            -> vectors (B, D), unit rows
 
 Histories are right-padded with item 0 (train/model.py). The concatenations below spell out
 `serving_table` and `user_vector` so that the exported graphs keep a static 2d axis (a Flatten
@@ -78,3 +80,36 @@ class HistoryEncoder(nn.Module):
         x = torch.cat(inputs.chunk(2, dim=-1), dim=0)  # (2B, L, d): text rows, then image rows
         h = self.model.encode_sequence(x, lengths.repeat(2))  # (2B, d)
         return _concat_normalized(h[:b], h[b:])
+
+
+class SentenceEncoder(nn.Module):
+    """Token ids -> sentence vectors, pooled as train.features.text.TextEncoder pools them.
+
+    token_type_ids are left to the model's default (zeros), which is what a tokenizer gives a
+    single sentence."""
+
+    def __init__(self, model: nn.Module, pooling: str, normalize: bool):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, F)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+class ImageEncoder(nn.Module):
+    """Preprocessed pixels (B, 3, H, W) -> unit CLIP image vectors, as train.features.image.Clip."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.clip = clip_model
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.clip.encode_image(pixels, normalize=True)

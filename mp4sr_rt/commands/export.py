@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,12 +13,12 @@ from mp4sr_rt.commands import user_errors
 @user_errors
 def export(
     run_dir: Path = typer.Argument(Path("mp4sr-out"), help="Run directory written by `mp4sr-rt train`."),
-    out: Optional[Path] = typer.Option(None, help="Artifact directory (default: RUN_DIR/artifacts); replaced atomically."),
+    out: Path | None = typer.Option(None, help="Artifact directory (default: RUN_DIR/artifacts), replaced atomically."),
     fp16: bool = typer.Option(False, help="fp16 weights and compute inside, fp32 inputs and outputs."),
     top_k: int = typer.Option(100, help="Largest k the scorer returns (callers slice smaller k)."),
     max_batch: int = typer.Option(4096, help="Largest batch for the TensorRT profile and Triton."),
     trt: bool = typer.Option(False, help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU)."),
-    triton: Optional[Path] = typer.Option(None, help="Also write a Triton model repository to this directory."),
+    triton: Path | None = typer.Option(None, help="Also write a Triton model repository to this directory."),
 ) -> None:
     """Export the run's model to ONNX behind a parity gate; prints a JSON summary on stdout."""
     from export.run import export as run_export
