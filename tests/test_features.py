@@ -22,7 +22,7 @@ from train.data import read_dataset
 from train.data.demo import read_catalogue
 from train.data.types import ItemInfo, RawData
 from train.features.cache import FeatureCache
-from train.features.extract import extract, extract_features
+from train.features.extract import default_features_path, extract, extract_features
 from train.features.image import PROMPT, Clip, build_vocabulary, encode_text_trimmed, top_words
 from train.features.store import read_features
 from train.features.text import TextEncoder, checkpoint_pooling, resolve_checkpoint, split_sentences
@@ -185,6 +185,28 @@ def test_cache_reuses_finished_work_and_recomputes_changed_items(
     assert report.images.computed == 1
 
 
+def test_an_interrupted_run_keeps_its_finished_batches(monkeypatch, tmp_path, tiny_data_dir,
+                                                       text, clip):
+    raw = read_dataset(tiny_data_dir)
+    encode = clip.encode_images
+    calls = []
+
+    def interrupt_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(images)
+
+    monkeypatch.setattr(clip, "encode_images", interrupt_second_batch)
+    with pytest.raises(KeyboardInterrupt), FeatureCache(tmp_path / "cache") as cache:
+        extract(raw, tmp_path / "f.safetensors", text, clip, cache=cache, batch_size=16,
+                progress=False)
+    monkeypatch.setattr(clip, "encode_images", encode)
+    report, _ = run(raw, tmp_path / "f.safetensors", text, clip, tmp_path / "cache")
+    assert report.sentences_computed == 0  # the text pass had finished
+    assert report.images.computed == report.images.used - calls[0]
+
+
 def test_bad_images_are_skipped_and_counted(tmp_path, text, clip):
     good = image_file(tmp_path / "good.png", (200, 30, 30))
     truncated = tmp_path / "truncated.png"
@@ -267,7 +289,8 @@ def test_cli_writes_features_beside_the_data(tmp_path, tiny_data_dir, bert_dir, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = Path(result.stdout.strip())
-    assert out.parent == data and out.name.startswith("features-") and out.is_file()
+    assert out.is_file()
+    assert out == default_features_path(data, text_encoder=str(bert_dir), clip_model=str(clip_config))
     assert "randomly initialised" in result.stderr and "images used" in result.stderr
 
     bad = CliRunner().invoke(app, [*args[:3], "--text-encoder", str(tmp_path / "nope")])

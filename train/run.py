@@ -14,7 +14,7 @@ from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
 from train.checkpoint import Checkpoint, file_sha256, load_state, save_checkpoint
 from train.config import Config
-from train.data import default_demo_dir, demo_features, generate_demo, load_or_preprocess
+from train.data import default_demo_dir, generate_demo, load_or_preprocess
 from train.data.types import SplitData
 from train.features.store import align, read_features
 from train.loop import (
@@ -35,19 +35,23 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def resolve_inputs(data: Path | None, features: Path | None) -> tuple[Path, Path]:
-    """Data and features paths; the built-in demo dataset when no data is given."""
-    if data is None:
-        data = generate_demo(default_demo_dir())
-        if features is None:
-            features = data / "features.safetensors"
-            if not features.is_file():
-                demo_features(data, features)
-    elif features is None:
-        raise UserError("--features is required with --data (the features file from `mp4sr-rt features`)")
-    if not Path(data).exists():
+def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto",
+                   progress: bool = True) -> tuple[Path, Path]:
+    """Data and features paths. No data: the built-in demo dataset. No features: extract them from
+    the items' text and images (the file `mp4sr-rt features --data DATA` writes; its vector cache
+    makes a rerun cheap)."""
+    data = generate_demo(default_demo_dir()) if data is None else Path(data).expanduser()
+    if not data.exists():
         raise UserError(f"data not found: {data}")
-    return Path(data), Path(features)
+    if features is None:
+        from train.data import read_dataset
+        from train.features.extract import default_features_path, extract_features
+
+        raw = read_dataset(data)
+        if not any(info.sentences or info.images for info in raw.item_info.values()):
+            raise UserError(f"--features is required: {data} has no item text or images to extract features from")
+        features = extract_features(raw, default_features_path(data), device=device, progress=progress)
+    return data, Path(features)
 
 
 def load_item_features(path: Path, data: SplitData, device: torch.device) -> tuple[ItemFeatures, dict]:
@@ -71,7 +75,7 @@ def train(
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dev = resolve_device(device)
     torch.manual_seed(cfg.train.seed)
-    data_path, features_path = resolve_inputs(data, features)
+    data_path, features_path = resolve_inputs(data, features, device, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
@@ -81,7 +85,7 @@ def train(
     log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
-    if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("encoder") != "demo-latent":
+    if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("clip_model", "none") != "none":
         log("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
 
     t0 = time.perf_counter()

@@ -47,8 +47,7 @@ def features(
     raw = read_dataset(data)
     settings = {
         "text_encoder": text_encoder, "text_pooling": text_pooling, "clip_model": clip_model,
-        "clip_weights": clip_weights.resolve() if clip_weights else None,
-        "image_tokens": image_tokens,
+        "clip_weights": clip_weights, "image_tokens": image_tokens,
     }
     out = out or default_features_path(Path(data).expanduser(), **settings)
     path = extract_features(raw, out, batch_size=batch_size, device=device, cache_dir=cache_dir,

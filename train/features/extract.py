@@ -166,15 +166,20 @@ def extract(
     )
 
 
-def default_features_path(data: Path, **settings) -> Path:
+def default_features_path(
+    data: Path, *, text_encoder: str | None = None, text_pooling: str = "auto",
+    clip_model: str = "ViT-B-32", clip_weights: Path | None = None, image_tokens: int = 15,
+) -> Path:
     """``<data dir>/features-<8 hex digits of the settings>.safetensors``.
 
     One file per settings, so switching encoders never overwrites another run's features; the
     same settings rewrite the same file when the data changes (the cache keeps that cheap).
+    The defaults are `extract_features`'s, so `mp4sr-rt train` finds what `features` wrote.
     """
+    settings = [text_encoder, text_pooling, clip_model,
+                str(Path(clip_weights).resolve()) if clip_weights else None, image_tokens]
     directory = data if data.is_dir() else data.parent
-    tag = content_key(json.dumps(settings, sort_keys=True, default=str))[:8]
-    return directory / f"features-{tag}.safetensors"
+    return directory / f"features-{content_key(json.dumps(settings))[:8]}.safetensors"
 
 
 def _embed(text: TextEncoder, rows: list[list[str]], cache: FeatureCache, batch_size: int,
