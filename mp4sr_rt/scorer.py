@@ -13,18 +13,19 @@ Paths through the artifacts (docs/artifacts.md):
   vectors (item_inputs.npy rows, or the added rows) -> u, then u . table on the host;
 - items added at serve time are scored as u . added_table and merged into the top k;
 - a history with no known item: the most popular items, flagged "popular".
-Every history is padded to L and scored on its own row, so its result never depends on the other
-histories of the batch.
+Every history is padded to a width that depends on its own length alone (a power of two up to
+L) and scored on its own row, so its result never depends on the other histories of the batch
+(bit for bit on the CPU; a GPU may pick kernels per batch size that differ in the last bits).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ import numpy as np
 from mp4sr_rt.backends import Backend, open_backend
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.histories import ItemId
-from mp4sr_rt.manifest import load_manifest, verify_artifacts
+from mp4sr_rt.manifest import verify_artifacts
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 SCORE_BUDGET = 1 << 28  # score-matrix elements per model call (1 GiB in fp32), whatever N is
+MIN_WIDTH = 8  # narrowest padded history: below it, per-operator overhead dominates anyway
 FEATURES = ("text_feats", "text_mask", "image_feats", "image_mask")
 
 
@@ -71,10 +73,11 @@ class Scorer:
     """Top-k recommendations from an artifact directory (see the module docstring)."""
 
     def __init__(self, artifacts: str | Path = DEFAULT_ARTIFACTS, backend: str = "auto",
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, threads: int = 0):
+        """`max_batch`: rows per model call (default: a 1 GiB score-matrix budget); `threads`:
+        intra-op threads of the CPU backend (0: one per core)."""
         self.directory = Path(artifacts)
-        verify_artifacts(self.directory)
-        self.manifest = load_manifest(self.directory)
+        self.manifest = verify_artifacts(self.directory)  # hashes and schema: ArtifactError naming the file
         self.max_len, self.top_k = self.manifest["max_len"], self.manifest["top_k"]
         self.num_base = self.manifest["num_items"]
         self._item_ids, popularity = self._read_vocabulary()
@@ -88,8 +91,9 @@ class Scorer:
         self._table: np.ndarray | None = None
         self._added = _Added()
         self._write_lock = threading.Lock()
-        self.backend: Backend = open_backend(backend, self.directory, self.manifest)
+        self.backend: Backend = open_backend(backend, self.directory, self.manifest, threads)
         budget = max(1, SCORE_BUDGET // (self.num_base + 1))
+        budget = 1 << (budget.bit_length() - 1)  # a power of two: the GPU buckets' own sizes
         self.max_batch = min(max_batch or budget, self.backend.max_batch)
 
     def _read_vocabulary(self) -> tuple[list[ItemId], list[float]]:
@@ -117,18 +121,25 @@ class Scorer:
         added = self._added
         prepared = [self._prepare(history, added) for history in histories]
         results: list[Recommendation | None] = [None] * len(prepared)
-        base, with_added = [], []
+        groups: dict[tuple[bool, int], list[int]] = {}  # (holds added items, width) -> rows
         for i, h in enumerate(prepared):
             if not h.ids:
                 results[i] = self._popular_items(h, k)
             else:
-                (base if max(h.ids) <= self.num_base else with_added).append(i)
-        for rows, path in ((base, self._score_base), (with_added, self._score_added)):
+                groups.setdefault((max(h.ids) > self.num_base, self._width(len(h.ids))), []).append(i)
+        for (with_added, width), rows in groups.items():
+            path = self._score_added if with_added else self._score_base
             for chunk in _chunks(rows, self.max_batch):
-                recs = path([prepared[i] for i in chunk], k, exclude_seen, added)
+                recs = path([prepared[i] for i in chunk], width, k, exclude_seen, added)
                 for i, rec in zip(chunk, recs, strict=True):
                     results[i] = rec
         return results  # type: ignore[return-value]
+
+    def _width(self, length: int) -> int:
+        """Padded width of a history: a power of two >= MIN_WIDTH, at most L. It depends on the
+        history alone, so its result never depends on the batch, while short histories (most of
+        them) skip most of the padding's compute."""
+        return min(self.max_len, max(MIN_WIDTH, 1 << (length - 1).bit_length()))
 
     def _prepare(self, history: Sequence[ItemId], added: _Added) -> _History:
         known, unknown = [], []
@@ -141,16 +152,17 @@ class Scorer:
                 known.append(index)
         return _History(known[-self.max_len:], frozenset(known), unknown)
 
-    def _padded(self, histories: list[_History]) -> np.ndarray:
-        """Right-padded (B, L) ids; always L wide, so a row's result never depends on the batch."""
-        ids = np.zeros((len(histories), self.max_len), dtype=np.int64)
+    @staticmethod
+    def _padded(histories: list[_History], width: int) -> np.ndarray:
+        """Right-padded ids (B, width)."""
+        ids = np.zeros((len(histories), width), dtype=np.int64)
         for row, h in zip(ids, histories, strict=True):
             row[: len(h.ids)] = h.ids
         return ids
 
-    def _score_base(self, histories: list[_History], k: int, exclude_seen: bool,
+    def _score_base(self, histories: list[_History], width: int, k: int, exclude_seen: bool,
                     added: _Added) -> list[Recommendation]:
-        scores, items, users = self.backend.run(self._padded(histories))
+        scores, items, users = self.backend.run(self._padded(histories, width))
         return [self._from_top_k(h, s, it, u, k, exclude_seen, added)
                 for h, s, it, u in zip(histories, scores, items, users, strict=True)]
 
@@ -158,16 +170,16 @@ class Scorer:
                     k: int, exclude_seen: bool, added: _Added) -> Recommendation:
         seen = h.seen if exclude_seen else frozenset()
         pairs = zip(items.tolist(), scores.tolist(), strict=True)
-        top = [(i, s) for i, s in pairs if i not in seen][:k]
+        top = list(islice(((i, s) for i, s in pairs if i not in seen), k))
         # The graph's top K holds every trained item that can still make the top k unless
         # exclusions left fewer than k of them: then rank the whole catalogue on the host.
         if len(top) < k and self.top_k < self.num_base:
             return self._from_user(h, user, k, exclude_seen, added)
         return self._recommend(h, self._merge_added(top, user, seen, k, added))
 
-    def _score_added(self, histories: list[_History], k: int, exclude_seen: bool,
+    def _score_added(self, histories: list[_History], width: int, k: int, exclude_seen: bool,
                      added: _Added) -> list[Recommendation]:
-        ids = self._padded(histories)
+        ids = self._padded(histories, width)
         base = ids <= self.num_base
         inputs = np.empty((*ids.shape, self._item_inputs.shape[1]), dtype=np.float32)  # (B, L, 2d)
         inputs[base] = self._item_inputs[ids[base]]  # padding reads row 0: zeros
@@ -247,7 +259,6 @@ class Scorer:
                 table if old.table is None else np.concatenate([old.table, table]),
                 inputs if old.inputs is None else np.concatenate([old.inputs, inputs]),
             )
-        print(f"added {len(ids)} items ({self.num_items} in the catalogue)", file=sys.stderr)
 
     def _check_raw_inputs(self, texts, images) -> None:
         missing = [role for role, given in (("text_encoder", texts), ("image_encoder", images))

@@ -127,6 +127,12 @@ def test_backend_parity_with_pytorch(backend, tiny_artifacts, ckpt, item_ids):
             assert rec.fallback is None
             assert set(rec.items) == set(items)
             np.testing.assert_allclose(rec.scores, scores, atol=1e-4)
+    # Alone or in a batch: bit for bit on the CPU (test_results_do_not_depend_on_the_batch); a
+    # GPU may pick other kernels for another batch size, so compare within float tolerance.
+    for h, rec in zip(histories[:8], runtime.score(histories, k=10), strict=False):
+        alone = runtime.score([h], k=10)[0]
+        assert set(alone.items) == set(rec.items)
+        np.testing.assert_allclose(alone.scores, rec.scores, atol=1e-5)
 
 
 def test_auto_picks_a_backend_and_says_which(tiny_artifacts, capsys):
@@ -181,7 +187,10 @@ def test_integer_ids_match_numeric_item_ids(artifacts_copy):
 
 # -- scoring semantics -----------------------------------------------------------------------
 
-def test_results_do_not_depend_on_the_batch(scorer, item_ids):
+@pytest.mark.parametrize("min_width", [8, 2])
+def test_results_do_not_depend_on_the_batch(scorer, item_ids, min_width, monkeypatch):
+    """Also with several padded widths (tiny L is 8: a minimum width of 2 gives 2, 4 and 8)."""
+    monkeypatch.setattr("mp4sr_rt.scorer.MIN_WIDTH", min_width)
     histories = random_histories(item_ids, 80, seed=2)
     batched = scorer.score(histories, k=7)
     assert [scorer.score([h], k=7)[0] for h in histories] == batched
@@ -310,7 +319,7 @@ def load_features(ckpt, indices: list[int]) -> dict[str, np.ndarray]:
     ([True], {"text_feats": (1, 3)}, "not a string or an integer"),
     (["x"], {"text_feats": (1, 2, 5)}, "must have shape"),
     (["x"], {"text_feats": (1, 3), "text_mask": (1, 2)}, "text_mask must be bool of shape"),
-    (["x"], {"image_mask": (1, 2)}, "image_mask given without image_feats"),
+    (["x"], {"text_feats": (1, 3), "image_mask": (1, 2)}, "image_mask given without image_feats"),
     (["x"], {"colour": (1,)}, "unknown feature 'colour'"),
     (["x"], {}, "give text_feats and/or image_feats"),
     (["x"], {"texts": [["a red tent"]]}, "carries no text_encoder"),

@@ -42,17 +42,17 @@ class Backend(Protocol):
         """item_tower.onnx: feature slots -> table float32 (n, 2d), inputs float32 (n, 2d)."""
 
 
-def open_backend(name: str, directory: Path, manifest: dict) -> Backend:
+def open_backend(name: str, directory: Path, manifest: dict, threads: int = 0) -> Backend:
     """The backend called `name` over the artifacts in `directory`; BackendUnavailable if it
-    cannot run here."""
+    cannot run here. `threads`: the CPU backend's intra-op threads (0: one per core)."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name != "auto":
-        return _open(name, directory, manifest)
+        return _open(name, directory, manifest, threads)
     skipped = []
     for candidate in FASTEST_FIRST:
         try:
-            backend = _open(candidate, directory, manifest)
+            backend = _open(candidate, directory, manifest, threads)
         except BackendUnavailable as e:
             skipped.append(f"{candidate}: {e}")
             continue
@@ -62,12 +62,12 @@ def open_backend(name: str, directory: Path, manifest: dict) -> Backend:
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
 
 
-def _open(name: str, directory: Path, manifest: dict) -> Backend:
+def _open(name: str, directory: Path, manifest: dict, threads: int) -> Backend:
     # Imported here: the TensorRT module probes native libraries, which only its users pay for.
     if name == "cpu":
         from mp4sr_rt.backends.onnxruntime import CpuBackend
 
-        return CpuBackend(directory, manifest)
+        return CpuBackend(directory, manifest, threads)
     if name == "cuda":
         from mp4sr_rt.backends.onnxruntime import CudaBackend
 

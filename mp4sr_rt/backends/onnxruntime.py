@@ -3,11 +3,12 @@
     backend = CpuBackend(artifacts_dir, manifest)
     scores, items, user = backend.run(ids)            # ids int64 (B, L)
 
-The CUDA backend keeps, per batch-size bucket (powers of two), the ids input and every output
-on the GPU (IOBinding), so a call copies B x L ids in and B x K top-k rows out and nothing else:
-the (B, N) score matrix never leaves the device. Buckets give the graph fixed shapes, which is
-what lets onnxruntime capture and replay one CUDA graph per bucket (`enable_cuda_graph`); when
-the graph cannot be captured (a node left on the CPU), it runs without and says so.
+The CUDA backend keeps, per shape bucket (batch rounded up to a power of two, times the history
+width), the ids input and every output on the GPU (IOBinding), so a call copies B x L ids in and
+B x K top-k rows (and the user vectors) out and nothing else: the (B, N) score matrix never
+leaves the device. Buckets give the graph fixed shapes, which is what lets onnxruntime capture
+and replay one CUDA graph per bucket (`enable_cuda_graph`); when the graph cannot be captured
+(a node left on the CPU), it runs without and says so.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import onnxruntime as ort
 from mp4sr_rt.backends import MAX_BATCH, BackendUnavailable
 from mp4sr_rt.errors import ArtifactError
 
-ROLES = ("scorer", "history_encoder", "item_tower")
 SCORER_OUTPUTS = ("scores", "items", "user")
 ERRORS_ONLY = 3  # onnxruntime's log severity: keep its warnings off the user's terminal
 
@@ -35,10 +35,11 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, directory: Path, manifest: dict, providers: list[Any]):
+    def __init__(self, directory: Path, manifest: dict, providers: list[Any], threads: int = 0):
         self.directory = Path(directory)
         self.manifest = manifest
         self.providers = providers
+        self.threads = threads
         # Rows per call: the scorer splits larger batches (TensorRT's profile ends there too).
         self.max_batch = min(MAX_BATCH, manifest.get("max_batch", MAX_BATCH))
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -60,6 +61,7 @@ class OrtBackend:
             raise ArtifactError(f"{self.directory / 'manifest.json'}: no {role!r} model")
         options = ort.SessionOptions()
         options.log_severity_level = ERRORS_ONLY
+        options.intra_op_num_threads = self.threads
         path = self.directory / model["file"]
         try:
             return ort.InferenceSession(str(path), options, providers=providers)
@@ -82,8 +84,10 @@ class OrtBackend:
 class CpuBackend(OrtBackend):
     name = "cpu"
 
-    def __init__(self, directory: Path, manifest: dict):
-        super().__init__(directory, manifest, ["CPUExecutionProvider"])
+    def __init__(self, directory: Path, manifest: dict, threads: int = 0):
+        # One thread per request stream can beat a pool on a shared machine: a pool's barrier
+        # stalls whenever another process holds one of its cores.
+        super().__init__(directory, manifest, ["CPUExecutionProvider"], threads)
         self.session("scorer")  # open now: a broken file fails at load time, not mid-request
 
 
@@ -116,7 +120,7 @@ class CudaBackend(OrtBackend):
         self.cuda_graph = False
         self._scorer = self._open_scorer()
         self._buckets: dict[tuple[int, int], _Bucket] = {}
-        self._run_lock = threading.Lock()  # one IOBinding run at a time: buffers are shared
+        self._run_lock = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -145,14 +149,29 @@ class CudaBackend(OrtBackend):
             )
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = ids.shape[0]
-        bucket = self._bucket(min(_bucket_rows(rows), self.max_batch), ids.shape[1])
-        padded = np.zeros(bucket.ids.shape(), dtype=np.int64)  # all-padding rows: finite, unused
-        padded[:rows] = ids
-        with self._run_lock:
+        try:
+            return self._run_bound(ids)
+        except Exception as e:  # onnxruntime raises its own exception types
+            if not self.cuda_graph:
+                raise
+            # Capture can also fail at a bucket's first run (an operator that cannot be captured).
+            print(f"cuda: CUDA graph capture failed, running without ({e})", file=sys.stderr)
+            with self._run_lock:
+                self.cuda_graph = False
+                self._buckets.clear()
+                self._scorer = self._open_session("scorer", self.providers)
+            return self._run_bound(ids)
+
+    def _run_bound(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, width = ids.shape
+        with self._run_lock:  # one run at a time: a bucket's buffers are shared
+            bucket = self._bucket(min(_bucket_rows(rows), self.max_batch), width)
+            padded = np.zeros(bucket.ids.shape(), dtype=np.int64)  # all-padding rows: finite, unused
+            padded[:rows] = ids
             bucket.ids.update_inplace(padded)
             self._scorer.run_with_iobinding(bucket.binding, bucket.run_options)
-            scores, items, user = (value[:rows] for value in bucket.binding.copy_outputs_to_cpu())
+            outputs = bucket.binding.copy_outputs_to_cpu()
+        scores, items, user = (value[:rows] for value in outputs)
         return scores, items, user
 
     def _bucket(self, rows: int, length: int) -> _Bucket:

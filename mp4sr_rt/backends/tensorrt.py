@@ -3,7 +3,7 @@
     backend = TensorRTBackend(artifacts_dir, manifest)   # BackendUnavailable (why) if absent
 
 The scorer runs as a TensorRT engine that the execution provider builds for one optimisation
-profile (batch 1..max_batch, history L) and caches under ~/.cache/mp4sr-rt/tensorrt, so only the
+profile (batch 1..max_batch, history 1..L) and caches under ~/.cache/mp4sr-rt/tensorrt, so only the
 first process pays the build; its precision is the ONNX file's own (fp16 weights in --fp16
 artifacts). I/O binding and batch buckets are the CUDA backend's. The history encoder and the
 item tower run on the CUDA provider: they serve the rare requests that involve items added at
@@ -45,7 +45,7 @@ class TensorRTBackend(CudaBackend):
             "trt_engine_cache_path": str(cache_dir()),
             "trt_timing_cache_enable": "True",
             "trt_timing_cache_path": str(cache_dir()),
-            "trt_profile_min_shapes": f"ids:1x{length}",
+            "trt_profile_min_shapes": "ids:1x1",
             "trt_profile_opt_shapes": f"ids:{min(256, self.max_batch)}x{length}",
             "trt_profile_max_shapes": f"ids:{self.max_batch}x{length}",
         }

@@ -1,0 +1,360 @@
+"""Serving benchmark: PyTorch eager from the checkpoint against every runtime backend present.
+
+    python benchmarks/serving.py                                   # demo, 100k and 1M items
+    python benchmarks/serving.py --sizes demo,100000 --batches 1,256 --iters 100   # 2-core CPU
+    python benchmarks/serving.py --backends cuda --out $OUT        # a GPU machine
+
+Catalogues: the demo model's own (the checkpoint in --run, exported here), and synthetic ones:
+the same model with a random item table of N items (d = 64), saved as a checkpoint and exported
+by the project's exporter, parity gate included. Without a checkpoint in --run the demo
+architecture runs with untrained weights ("demo-shape"): timings depend on shapes, not weights.
+
+Every system gets the same artifacts and the same histories (random, 1 to L items):
+- torch-eager: the export wrapper (encode_history, user . table, top-k) in eager PyTorch, on the
+  GPU when there is one, fed id arrays built beforehand and padded only to the batch's longest
+  history: a lower bound for a PyTorch service;
+- runtime-<backend>: Scorer.score end to end, original item ids in and out (k = 10, seen items
+  excluded);
+- direct-<backend> / batcher-<backend>: --clients threads each sending one history at a time,
+  straight to Scorer.score or through the MicroBatcher.
+Batch 1 gives latency p50/p99; larger batches give throughput (histories per second). Results:
+JSON lines on stdout and in --out/serving.jsonl, a table, and --out/serving.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from export.onnx import serving_inputs  # noqa: E402
+from export.run import export  # noqa: E402
+from export.wrappers import Scorer as ScorerModule  # noqa: E402
+from mp4sr_rt.backends import BackendUnavailable  # noqa: E402
+from mp4sr_rt.batching import MicroBatcher  # noqa: E402
+from mp4sr_rt.errors import UserError  # noqa: E402
+from mp4sr_rt.manifest import MANIFEST  # noqa: E402
+from mp4sr_rt.scorer import SCORE_BUDGET, Scorer  # noqa: E402
+from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from train.config import preset  # noqa: E402
+from train.model import M2SE  # noqa: E402
+
+K = 10
+DEMO_FEAT_DIM = 64  # feature size of an untrained demo-shape model (only the item tower sees it)
+WARMUP = 10  # untimed calls per batch size: enough to meet every padded width
+DEMO_ITEMS = 2000  # the built-in demo dataset's catalogue (train/data/demo.py)
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = base_checkpoint(args.run)
+    records: list[dict] = []
+    with open(args.out / "serving.jsonl", "w", encoding="utf-8") as jsonl:
+        def emit(record: dict) -> None:
+            records.append(record)
+            line = json.dumps(record)
+            print(line, flush=True)
+            jsonl.write(line + "\n")
+            jsonl.flush()
+
+        for size in args.sizes:
+            try:
+                name, artifacts, ckpt = catalogue(size, base, args)
+            except UserError as e:  # e.g. an fp16 export refused by the parity gate
+                emit({"catalogue": size, "system": "export", "skipped": str(e)})
+                continue
+            bench_catalogue(name, artifacts, ckpt, device, args, emit)
+    print(table(records))
+    plot(records, args.out / "serving.png")
+    print(f"wrote {args.out / 'serving.jsonl'} and {args.out / 'serving.png'}", file=sys.stderr)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=ROOT / "mp4sr-out",
+                   help="run directory with the demo checkpoint (default: mp4sr-out)")
+    p.add_argument("--sizes", default="demo,100000,1000000",
+                   help="catalogues: 'demo' and/or synthetic item counts, comma-separated")
+    p.add_argument("--batches", default="1,256,4096", help="batch sizes, comma-separated")
+    p.add_argument("--backends", default="cpu,cuda,tensorrt",
+                   help="runtime backends to try; absent ones are reported as skipped")
+    p.add_argument("--iters", type=int, default=200, help="timed calls at batch 1")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="least timed seconds per larger batch (at least 3 calls)")
+    p.add_argument("--clients", type=int, default=16, help="client threads (direct calls, then the batcher)")
+    p.add_argument("--client-seconds", type=float, default=3.0, help="duration of each client run")
+    p.add_argument("--max-delay-ms", type=float, default=1.0,
+                   help="the batcher's wait for a fuller batch (0: whatever is queued)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of PyTorch and of the CPU backend alike (0: their defaults)")
+    p.add_argument("--fp16", action="store_true", help="export fp16 artifacts (fp16 item table)")
+    p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",
+                   help="exported catalogues, reused by later runs with the same settings")
+    p.add_argument("--out", type=Path, default=ROOT / "mp4sr-out" / "bench")
+    args = p.parse_args()
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.batches = sorted({int(b) for b in args.batches.split(",")})
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    return args
+
+
+# -- catalogues ------------------------------------------------------------------------------
+
+def base_checkpoint(run: Path) -> Checkpoint | None:
+    if (run / "checkpoint" / "config.json").is_file():
+        return load_checkpoint(run / "checkpoint")
+    print(f"note: no checkpoint in {run}: the demo architecture with untrained weights "
+          "(timings depend on shapes only)", file=sys.stderr)
+    return None
+
+
+def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, Path, Checkpoint]:
+    """(name, artifact directory, checkpoint) of one catalogue, exported once into --work."""
+    precision = "fp16" if args.fp16 else "fp32"
+    if size == "demo" and base is not None:
+        run, name = args.run, "demo"
+        work = args.work / f"demo-{base.meta['model_sha256'][:12]}-{precision}"
+    else:
+        items = int(size) if size != "demo" else DEMO_ITEMS
+        name = "demo-shape" if size == "demo" else label(items)
+        model = base.meta["model_sha256"][:12] if base else "untrained"
+        run = args.work / f"synthetic-{items}-{model}"
+        if not (run / "checkpoint" / "config.json").is_file():
+            save_checkpoint(run / "checkpoint", synthetic(base, items))
+        work = run / precision
+    artifacts = work / "artifacts"
+    if not (artifacts / MANIFEST).is_file():
+        t0 = time.perf_counter()
+        export(run, artifacts, fp16=args.fp16, top_k=100)
+        print(f"{name}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return name, artifacts, load_checkpoint(run / "checkpoint")
+
+
+def label(items: int) -> str:
+    return f"{items / 1e6:g}M" if items >= 1_000_000 else f"{items / 1e3:g}k" if items >= 1000 else str(items)
+
+
+def synthetic(base: Checkpoint | None, items: int) -> Checkpoint:
+    """The base model (or an untrained demo-shape one) with a random item table of `items`."""
+    cfg = base.cfg if base else preset("demo")
+    model = base.model if base else M2SE(cfg.model, DEMO_FEAT_DIM).eval()
+    g = torch.Generator().manual_seed(items)
+    z = torch.randn(2, items + 1, cfg.model.d, generator=g)  # (2, N + 1, d) feature-only vectors
+    z[:, 0] = 0.0  # the padding item
+    counts = torch.randint(0, 100, (items + 1,), generator=g)
+    counts[0] = 0
+    meta = {"stage": "synthetic", "item_ids": [f"s{i}" for i in range(items)],
+            "train_counts": counts.tolist(), "features": {}}
+    return Checkpoint(cfg, model, None, z, meta)
+
+
+# -- systems ---------------------------------------------------------------------------------
+
+class TorchEager:
+    """The export wrapper in eager PyTorch: ids (B, L) -> top-K, in chunks of the runtime's
+    row budget, so that neither side materialises more than 1 GiB of scores at once."""
+
+    def __init__(self, ckpt: Checkpoint, device: str, top_k: int):
+        self.device = device
+        self.module = ScorerModule(ckpt.model, serving_inputs(ckpt), top_k).to(device).eval()
+        rows = max(1, SCORE_BUDGET // (len(ckpt.item_ids) + 1))
+        self.chunk = 1 << (rows.bit_length() - 1)  # the runtime's chunk size
+
+    def __call__(self, ids: np.ndarray) -> None:
+        with torch.inference_mode():
+            for start in range(0, len(ids), self.chunk):
+                chunk = ids[start:start + self.chunk]
+                width = int((chunk != 0).sum(axis=1).max())  # the chunk's longest history
+                batch = torch.from_numpy(chunk[:, :width]).to(self.device)
+                scores, items, _ = self.module(batch)
+                scores.cpu(), items.cpu()  # what a service returns; also waits for the GPU
+
+
+def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, args,
+                    emit: Callable[[dict], None]) -> None:
+    manifest = json.loads((artifacts / MANIFEST).read_text())
+    histories = make_histories(ckpt.item_ids, manifest["max_len"], max(args.batches))
+    index = {item: i + 1 for i, item in enumerate(ckpt.item_ids)}
+    ids = np.zeros((len(histories), manifest["max_len"]), dtype=np.int64)
+    for row, h in zip(ids, histories, strict=True):
+        row[: len(h)] = [index[i] for i in h]
+    common = {"catalogue": name, "items": len(ckpt.item_ids), "precision": manifest["precision"]}
+
+    bench_torch(TorchEager(ckpt, device, manifest["top_k"]), ids, args, lambda r: emit({**common, **r}))
+    for backend in args.backends:
+        bench_runtime(artifacts, backend, histories, args, lambda r: emit({**common, **r}))
+
+
+def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[dict], None]) -> None:
+    for record in measure(lambda rows: reference(ids[rows]), len(ids), args):
+        emit({"system": "torch-eager", "device": reference.device, **record})
+
+
+def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], args,
+                  emit: Callable[[dict], None]) -> None:
+    try:
+        scorer = Scorer(artifacts, backend=backend, threads=args.threads)
+    except BackendUnavailable as e:
+        emit({"system": f"runtime-{backend}", "skipped": str(e)})
+        return
+    device = scorer.backend.description
+    for record in measure(lambda rows: scorer.score([histories[i] for i in rows], k=K), len(histories), args):
+        emit({"system": f"runtime-{backend}", "device": device, **record})
+    for mode in ("direct", "batcher"):
+        emit({"system": f"{mode}-{backend}", "device": device, **clients(scorer, histories, mode, args)})
+
+
+def make_histories(item_ids: list[str], max_len: int, count: int) -> list[list[str]]:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, max_len + 1, size=count)
+    return [[item_ids[j] for j in rng.integers(0, len(item_ids), size=n)] for n in lengths]
+
+
+def measure(run: Callable[[range], None], pool: int, args) -> list[dict]:
+    """Batch 1: latency over --iters calls; larger batches: throughput over >= --min-seconds."""
+    records = []
+    for batch in args.batches:
+        calls = [range(i * batch, (i + 1) * batch) for i in range(max(1, pool // batch))]
+        for rows in calls[:WARMUP]:  # lazy allocations, one CUDA graph capture per shape
+            run(rows)
+        if batch == 1:
+            ms = timed_calls(run, calls, args.iters, 0.0)
+        else:
+            ms = timed_calls(run, calls, 3, args.min_seconds)
+        records.append({"batch": batch, **summary(ms), "histories_per_s": round(batch * 1000 / ms.mean(), 1)})
+    return records
+
+
+def timed_calls(run: Callable[[range], None], calls: list[range], min_calls: int,
+                min_seconds: float, max_seconds: float = 60.0) -> np.ndarray:
+    """Milliseconds per call, cycling through `calls`; a slow system stops at max_seconds."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        run(calls[len(times) % len(calls)])
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    return np.array(times) * 1000
+
+
+def summary(ms: np.ndarray) -> dict:
+    return {"calls": len(ms), "p50_ms": round(float(np.median(ms)), 4),
+            "p99_ms": round(float(np.percentile(ms, 99)), 4)}
+
+
+def clients(scorer: Scorer, histories: list[list[str]], mode: str, args) -> dict:
+    """--clients threads, each sending one history at a time for --client-seconds."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + args.client_seconds
+    batcher = MicroBatcher(lambda hs: scorer.score(hs, k=K), max_batch=256, max_delay_ms=args.max_delay_ms)
+    call = (lambda h: batcher.submit(h).result()) if mode == "batcher" else (lambda h: scorer.score([h], k=K))
+
+    def client(offset: int) -> None:
+        mine = []
+        i = offset
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            call(histories[i % len(histories)])
+            mine.append(time.perf_counter() - t0)
+            i += args.clients
+        with lock:
+            latencies.extend(mine)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    batcher.close()
+    return {"clients": args.clients, **summary(np.array(latencies) * 1000),
+            "histories_per_s": round(len(latencies) / elapsed, 1)}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def table(records: list[dict]) -> str:
+    """One line per (catalogue, system): batch-1 latency and its ratio to PyTorch eager,
+    throughput per larger batch, and for the client runs their throughput and p99."""
+    batches = sorted({r["batch"] for r in records if r.get("batch", 1) > 1})
+    head = (f"{'catalogue':11s}{'system':17s}{'b1 p50 ms':>10s}{'b1 p99 ms':>10s}{'vs torch':>9s}"
+            + "".join(f"{f'b{b} hist/s':>13s}" for b in batches)
+            + f"{'clients hist/s':>15s}{'p99 ms':>9s}")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["catalogue"], r["system"]), []).append(r)
+    lines = [head, "-" * len(head)]
+    for (cat, system), rows in groups.items():
+        if "skipped" in rows[0]:
+            lines.append(f"{cat:11s}{system:17s}  skipped: {rows[0]['skipped']}")
+            continue
+        by_batch = {r["batch"]: r for r in rows if "batch" in r}
+        torch_b1 = groups.get((cat, "torch-eager"), [{}])[0]
+        cells = ["", "", ""] + [""] * len(batches) + ["", ""]
+        if 1 in by_batch:
+            b1 = by_batch[1]
+            cells[:3] = [f"{b1['p50_ms']:.3f}", f"{b1['p99_ms']:.3f}",
+                         f"{b1['p50_ms'] / torch_b1['p50_ms']:.2f}x" if torch_b1.get("batch") == 1 else ""]
+        for j, b in enumerate(batches):
+            cells[3 + j] = f"{by_batch[b]['histories_per_s']:.0f}" if b in by_batch else ""
+        if "clients" in rows[0]:
+            cells[-2:] = [f"{rows[0]['histories_per_s']:.0f}", f"{rows[0]['p99_ms']:.2f}"]
+        widths = [10, 10, 9] + [13] * len(batches) + [15, 9]
+        lines.append(f"{cat:11s}{system:17s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in records if "batch" in r]
+    cats = list(dict.fromkeys(r["catalogue"] for r in timed))
+    systems = list(dict.fromkeys(r["system"] for r in timed))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(systems))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, system in enumerate(systems):
+        p50 = [next((r["p50_ms"] for r in timed if r["catalogue"] == c and r["system"] == system
+                     and r["batch"] == 1), np.nan) for c in cats]
+        colour = colours[j % len(colours)]
+        left.bar(np.arange(len(cats)) + j * width, p50, width, label=system, color=colour)
+        for c, style in zip(cats, ("-", "--", ":", "-."), strict=False):
+            points = sorted((r["batch"], r["histories_per_s"]) for r in timed
+                            if r["catalogue"] == c and r["system"] == system)
+            if len(points) > 1:
+                right.plot(*zip(*points, strict=True), style, marker="o", color=colour, label=f"{system} ({c})")
+    left.set(title="latency at batch 1 (p50)", ylabel="ms", yscale="log",
+             xticks=np.arange(len(cats)) + 0.4 - width / 2, xticklabels=cats)
+    right.set(title="throughput", xlabel="batch", ylabel="histories / s", xscale="log", yscale="log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

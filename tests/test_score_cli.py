@@ -1,0 +1,245 @@
+"""`mp4sr-rt score`: history files (property-based), exit codes and output, and the runtime
+installed alone (no torch) into a fresh virtual environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from mp4sr_rt.cli import app
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.histories import HistoryRequest, InvalidEntry, parse_histories
+from mp4sr_rt.manifest import MANIFEST
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "history.json"
+TOP_K = 20
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported once per session (shared by path with test_runtime.py)."""
+    out = tmp_path_factory.getbasetemp() / "tiny_artifacts"
+    if not (out / MANIFEST).is_file():
+        from export.run import export
+
+        export(tiny_run, out, top_k=TOP_K)
+    return out
+
+
+@pytest.fixture(scope="module")
+def item_ids(tiny_artifacts) -> list[str]:
+    return json.loads((tiny_artifacts / "items.json").read_text())["items"]
+
+
+def run_score(*args: str, stdin: str | None = None, python: str = sys.executable):
+    return subprocess.run([python, "-m", "mp4sr_rt.cli", "score", *args], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+# -- parsing, property-based -----------------------------------------------------------------
+
+item_id = st.text(max_size=12) | st.integers(-(2**70), 2**70)
+json_scalar = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+json_value = st.recursive(
+    json_scalar,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(
+        st.sampled_from(["user", "history", "items"]) | st.text(max_size=5), children, max_size=3),
+    max_leaves=25,
+)
+
+
+def check_entries(entries) -> None:
+    assert isinstance(entries, list)
+    assert len({e.position for e in entries}) == len(entries)
+    for e in entries:
+        if isinstance(e, HistoryRequest):
+            assert all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in e.items)
+        else:
+            assert isinstance(e, InvalidEntry) and e.error
+        assert e.user is None or (isinstance(e.user, (str, int)) and not isinstance(e.user, bool))
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_value)
+def test_any_json_gives_entries_or_one_clear_error(value):
+    try:
+        entries = parse_histories(json.dumps(value))
+    except UserError as e:
+        assert str(e)
+        return
+    check_entries(entries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(json_value.map(json.dumps), st.text(max_size=20)), max_size=6))
+def test_any_text_or_json_lines_gives_entries_or_one_clear_error(lines):
+    try:
+        entries = parse_histories("\n".join(lines))
+    except UserError as e:
+        assert str(e)
+        return
+    check_entries(entries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.none() | st.text(max_size=8) | st.integers(), st.lists(item_id, max_size=6)),
+                min_size=1, max_size=5),
+       st.sampled_from(["list", "objects", "json-lines"]))
+def test_valid_histories_keep_their_items_users_and_order(histories, form):
+    objects = [{"user": user, "history": items} for user, items in histories]
+    if form == "list":
+        text, expected_users = json.dumps([items for _, items in histories]), [None] * len(histories)
+    else:
+        expected_users = [user for user, _ in histories]
+        text = "\n".join(map(json.dumps, objects)) if form == "json-lines" else json.dumps(objects)
+    entries = parse_histories(text)
+    assert [e.items for e in entries] == [tuple(items) for _, items in histories]
+    assert [e.user for e in entries] == expected_users
+
+
+@pytest.mark.parametrize(("text", "position", "message"), [
+    ('["a", 1.5]', "document", "history[1]: expected a string or integer item id, got number 1.5"),
+    ('[["a"], 3]', "[1]", "expected a list of item ids or an object, got integer 3"),
+    ('[{"user": [1], "history": []}]', "[0]", "'user' must be a string, an integer or null"),
+    ('{"user": 1}', "document", "missing key 'history'"),
+    ('{"history": [], "extra": 1}', "document", "unknown key 'extra'"),
+    ('{"history": "abc"}', "document", "'history' must be a list of item ids, got string"),
+    ('["a"]\n{"history": [true]}', "line 2", "history[0]: expected a string or integer item id, got boolean"),
+    ('["a"]\n[1, 2', "line 2", "invalid JSON"),
+])
+def test_invalid_entries_name_their_position(text, position, message):
+    invalid = [e for e in parse_histories(text) if isinstance(e, InvalidEntry)]
+    assert [e.position for e in invalid] == [position]
+    assert message in invalid[0].error
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty"),
+    ('[["a"],\n ["b"\n', "not valid JSON: Expecting"),
+    ("[" * 100_000, "not valid JSON"),
+])
+def test_unsplittable_text_is_one_clear_error(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_histories(text)
+
+
+def test_flat_list_is_one_history_and_empty_list_is_an_empty_history():
+    [one] = parse_histories('["a", 2]')
+    assert (one.position, one.items) == ("document", ("a", 2))
+    [empty] = parse_histories("[]")
+    assert empty.items == ()
+
+
+# -- the command, in process: random input never crashes it ----------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(json_value.map(json.dumps), st.text(max_size=30)), st.booleans())
+def test_command_never_crashes(tiny_artifacts, text, skip_invalid):
+    args = ["score", "-", "--artifacts", str(tiny_artifacts), "--backend", "cpu"]
+    result = CliRunner().invoke(app, args + (["--skip-invalid"] if skip_invalid else []), input=text)
+    assert result.exit_code in (0, 2), result.output
+    if result.exit_code == 2:
+        assert result.stderr.startswith("error: ") and result.stdout == ""
+    else:
+        assert isinstance(json.loads(result.stdout), list)
+
+
+# -- the command, as a process ---------------------------------------------------------------
+
+def test_sample_file_scores_every_history_in_order(tiny_artifacts):
+    done = run_score(str(SAMPLE), "--artifacts", str(tiny_artifacts), "-k", "3")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    sample = json.loads(SAMPLE.read_text())
+    assert [r["user"] for r in results] == [h.get("user") if isinstance(h, dict) else None for h in sample]
+    for r in results:
+        assert set(r) == {"user", "items", "scores", "unknown_items", "fallback"}
+        assert len(r["items"]) == len(r["scores"]) == 3
+    assert results[2] == {**results[2], "unknown_items": ["item-not-in-the-catalogue"], "fallback": "popular"}
+
+
+def test_json_lines_from_stdin_with_include_seen(tiny_artifacts, item_ids):
+    lines = "\n".join(json.dumps({"user": u, "history": [item_ids[u]]}) for u in range(3))
+    done = run_score("-", "--artifacts", str(tiny_artifacts), "--include-seen", "-k", "60", stdin=lines)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert [r["user"] for r in results] == [0, 1, 2]
+    assert all(item_ids[u] in r["items"] for u, r in enumerate(results))
+
+
+def test_malformed_json_exits_2_naming_the_position(tiny_artifacts, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  ["item00001"],\n  ["item00002" "item00003"]\n]\n')
+    done = run_score(str(bad), "--artifacts", str(tiny_artifacts))
+    assert done.returncode == 2 and done.stdout == ""
+    assert "not valid JSON" in done.stderr and "line 3 column" in done.stderr
+
+
+def test_wrong_types_exit_2_unless_skipped(tiny_artifacts, tmp_path, item_ids):
+    histories = tmp_path / "histories.json"
+    histories.write_text(json.dumps([[item_ids[0]], {"user": "u", "history": [1.5]}, [item_ids[1]]]))
+    done = run_score(str(histories), "--artifacts", str(tiny_artifacts))
+    assert done.returncode == 2 and done.stdout == ""
+    assert "[1]: history[0]: expected a string or integer item id, got number 1.5" in done.stderr
+
+    done = run_score(str(histories), "--artifacts", str(tiny_artifacts), "--skip-invalid")
+    assert done.returncode == 0, done.stderr
+    first, skipped, third = json.loads(done.stdout)
+    assert skipped == {"user": "u", "error": "[1]: history[0]: expected a string or integer item id, "
+                                              "got number 1.5"}
+    assert first["items"] and third["items"]
+    assert "warning: skipped [1]" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing.json"], "cannot read history file missing.json"),
+    ([str(SAMPLE), "--artifacts", "no/such/dir"], "run `mp4sr-rt export` first"),
+    ([str(SAMPLE), "--backend", "tpu"], "unknown backend 'tpu'"),
+    ([], "Missing argument 'HISTORY_FILE'"),
+])
+def test_bad_invocations_exit_2_with_one_clear_message(args, message, tiny_artifacts):
+    extra = [] if "--artifacts" in args or not args else ["--artifacts", str(tiny_artifacts)]
+    done = run_score(*args, *extra)
+    assert done.returncode == 2 and done.stdout == ""
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+# -- the runtime alone -----------------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("MP4SR_OFFLINE") == "1",
+                    reason="installs from the package index; MP4SR_OFFLINE=1 skips it")
+def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, tmp_path, item_ids):
+    """`pip install .[cpu]` in a fresh virtual environment: numpy, typer and onnxruntime only."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    for package in ("mp4sr_rt", "train", "export"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # Copied, not built in place: an in-tree build would write build/ into the working tree.
+    readme = ROOT / "README.md"
+    (src / "README.md").write_text(readme.read_text() if readme.is_file() else "mp4sr-rt\n")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "-q", f"{src}[cpu]"],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    assert "No module named 'torch'" in no_torch.stderr
+    history = json.dumps([{"user": "alone", "history": item_ids[:3]}])
+    done = subprocess.run([str(venv / "bin" / "mp4sr-rt"), "score", "-", "--artifacts", str(tiny_artifacts)],
+                          input=history, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)
+    assert result["user"] == "alone" and len(result["items"]) == 10
