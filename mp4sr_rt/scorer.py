@@ -13,9 +13,10 @@ Paths through the artifacts (docs/artifacts.md):
   vectors (item_inputs.npy rows, or the added rows) -> u, then u . table on the host;
 - items added at serve time are scored as u . added_table and merged into the top k;
 - a history with no known item: the most popular items, flagged "popular".
-Every history is padded to a width that depends on its own length alone (a power of two up to
-L) and scored on its own row, so its result never depends on the other histories of the batch
-(bit for bit on the CPU; a GPU may pick kernels per batch size that differ in the last bits).
+On the CPU every history is padded to a width that depends on its own length alone (a power of
+two up to L), so its result never depends on the other histories of the batch, bit for bit. A GPU
+picks kernels per batch size anyway (results agree to ~1e-6, not bit for bit), so there a batch
+is padded to L once and the catalogue is scanned once per call rather than once per width.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Scorer:
             if not h.ids:
                 results[i] = self._popular_items(h, k)
             else:
-                groups.setdefault((max(h.ids) > self.num_base, self._width(len(h.ids))), []).append(i)
+                width = self._width(len(h.ids)) if self.backend.exact_rows else self.max_len
+                groups.setdefault((max(h.ids) > self.num_base, width), []).append(i)
         for (with_added, width), rows in groups.items():
             path = self._score_added if with_added else self._score_base
             for chunk in _chunks(rows, self.max_batch):

@@ -30,6 +30,10 @@ class Backend(Protocol):
     name: str  # "cpu" | "cuda" | "tensorrt"
     description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider"
     max_batch: int  # most rows one call takes
+    # True where a row's result does not depend on the other rows' shapes (the CPU provider): the
+    # scorer then pads each history to its own width. A GPU picks kernels per shape anyway, so
+    # there one width per batch scans the catalogue once per call instead of once per width.
+    exact_rows: bool
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """scorer.onnx: ids int64 (B, L) -> scores float32 (B, K), items int64 (B, K),

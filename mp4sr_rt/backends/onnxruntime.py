@@ -83,6 +83,7 @@ class OrtBackend:
 
 class CpuBackend(OrtBackend):
     name = "cpu"
+    exact_rows = True
 
     def __init__(self, directory: Path, manifest: dict, threads: int = 0):
         # One thread per request stream can beat a pool on a shared machine: a pool's barrier
@@ -106,6 +107,7 @@ class CudaBackend(OrtBackend):
     scorer's every node runs on the GPU."""
 
     name = "cuda"
+    exact_rows = False
     provider = "CUDAExecutionProvider"
 
     def __init__(self, directory: Path, manifest: dict, device_id: int = 0):
