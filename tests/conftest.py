@@ -31,3 +31,16 @@ def tiny_run(tiny_data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     train(preset("tiny"), tiny_data_dir, tiny_data_dir / "features.safetensors", out, progress=False)
     return out
+
+
+ARTIFACTS_TOP_K = 20  # < the 60 tiny items, so excluding seen items can exhaust the scorer's top K
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported once per session."""
+    from export.run import export
+
+    out = tmp_path_factory.mktemp("artifacts") / "artifacts"
+    export(tiny_run, out, top_k=ARTIFACTS_TOP_K)
+    return out

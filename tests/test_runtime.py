@@ -27,23 +27,11 @@ from train.checkpoint import load_checkpoint
 from train.model import serving_table, user_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_K = 20  # < the 60 tiny items, so exclusions can exhaust the scorer's top K
 RUNTIME_MODULES = (
     "mp4sr_rt", "mp4sr_rt.scorer", "mp4sr_rt.batching", "mp4sr_rt.histories", "mp4sr_rt.manifest",
     "mp4sr_rt.backends", "mp4sr_rt.backends.onnxruntime", "mp4sr_rt.backends.tensorrt",
     "mp4sr_rt.commands.score", "mp4sr_rt.cli",
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run exported once per session (shared by path with test_score_cli.py)."""
-    out = tmp_path_factory.getbasetemp() / "tiny_artifacts"
-    if not (out / MANIFEST).is_file():
-        from export.run import export
-
-        export(tiny_run, out, top_k=TOP_K)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +211,7 @@ def test_no_known_item_falls_back_to_popular(scorer, tiny_artifacts):
 
 def test_exclude_seen_beyond_the_scorers_top_k(scorer, ckpt, item_ids):
     """More seen items than the scorer's top K leaves: the host ranks the whole catalogue."""
-    history = item_ids[: TOP_K + 5]
+    history = item_ids[: scorer.top_k + 5]
     rec = scorer.score([history], k=10)[0]
     items, scores = reference_top_k(ckpt, item_ids, [history], 10, exclude_seen=True)[0]
     assert not set(rec.items) & set(history)

@@ -18,22 +18,9 @@ from typer.testing import CliRunner
 from mp4sr_rt.cli import app
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.histories import HistoryRequest, InvalidEntry, parse_histories
-from mp4sr_rt.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "history.json"
-TOP_K = 20
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run exported once per session (shared by path with test_runtime.py)."""
-    out = tmp_path_factory.getbasetemp() / "tiny_artifacts"
-    if not (out / MANIFEST).is_file():
-        from export.run import export
-
-        export(tiny_run, out, top_k=TOP_K)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ Nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
+from mp4sr_rt.manifest import file_sha256
 from train import config as config_lib
 from train.model import M2SE, ItemIdEmbedding
 
@@ -96,10 +96,3 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         id_emb.to(device).eval()
     return Checkpoint(cfg, model, id_emb, z, meta)
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

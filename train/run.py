@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
-from train.checkpoint import Checkpoint, file_sha256, load_state, save_checkpoint
+from mp4sr_rt.manifest import file_sha256
+from train.checkpoint import Checkpoint, load_state, save_checkpoint
 from train.config import Config
 from train.data import default_demo_dir, generate_demo, load_or_preprocess
 from train.data.types import SplitData
