@@ -29,6 +29,14 @@ class ModelConfig:
     pool_hidden: int = 64  # width of the attention-pooling scorer W1
     max_len: int = 50  # number of learned positions
     layer_norm_eps: float = 1e-12  # the reference's value (BERT convention)
+    # Feature modalities the item encoder uses and the score sums over. One modality (an ablation)
+    # has nothing to mix or contrast with, so pre-training then skips mixup and CMCL.
+    modalities: tuple[str, ...] = ("text", "image")
+
+    def __post_init__(self) -> None:
+        names = self.modalities
+        if not names or len(set(names)) < len(names) or not set(names) <= {"text", "image"}:
+            raise UserError(f"model.modalities: distinct names among text, image expected; got {names}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,6 @@ class TrainConfig:
     mixup_max: float = 0.5  # sequence mixup probability p ~ U(0, mixup_max)
     use_mixup: bool = True
     use_nip: bool = True
-    modalities: tuple[str, ...] = ("text", "image")
     # Reproduce the reference code instead of the paper's intent: same-target logits set to 0
     # (still counted in the softmax) and attention pooling that never receives gradients.
     reference_quirks: bool = False

@@ -1,11 +1,12 @@
 """M2SE: the MP4SR backbone (SPEC section 2). Tensors in, tensors out: no I/O, no losses.
 
 Serving split (SPEC section 4):
-    z = model.encode_items(feats)                     # (2, N + 1, d): per-modality item vectors
+    z = model.encode_items(feats)                     # (M, N + 1, d): per-modality item vectors
     inputs = with_ids(z, id_emb, known)               # fine-tuned models add item-ID embeddings
-    h = model.encode_history(ids, inputs)             # (2, B, d): user vector per modality
+    h = model.encode_history(ids, inputs)             # (M, B, d): user vector per modality
     scores = score(h, candidates(inputs))             # (B, N + 1): cos(text) + cos(image)
-Modality 0 is text, modality 1 is image. Item index 0 is padding; histories are right-padded.
+M = len(cfg.modalities): 2 (text, then image) except in single-modality ablations.
+Item index 0 is padding; histories are right-padded.
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ class M2SE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.feat_dim = feat_dim
-        self.pool = nn.ModuleList(AttentionPool(feat_dim, cfg.pool_hidden) for _ in MODALITIES)
-        self.missing = nn.Parameter(torch.randn(len(MODALITIES), feat_dim) * 0.02)
+        self.pool = nn.ModuleList(AttentionPool(feat_dim, cfg.pool_hidden) for _ in cfg.modalities)
+        self.missing = nn.Parameter(torch.randn(len(cfg.modalities), feat_dim) * 0.02)
         self.adaptor = nn.ModuleList(
             MoEAdaptor(feat_dim, cfg.d, cfg.n_experts, cfg.adaptor_dropout, cfg.layer_norm_eps)
-            for _ in MODALITIES
+            for _ in cfg.modalities
         )
         self.position = nn.Embedding(cfg.max_len, cfg.d)
         self.input_ln = nn.LayerNorm(cfg.d, eps=cfg.layer_norm_eps)
@@ -131,24 +132,25 @@ class M2SE(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
 
     def pool_items(self, feats: ItemFeatures, m: int) -> Tensor:
-        """Attention-pool one modality's slots: (N + 1, F); items without any slot get `missing`."""
-        x, mask = feats.modality(m)
+        """Attention-pool the slots of the model's m-th modality: (N + 1, F); items without any
+        slot get `missing`."""
+        x, mask = feats.modality(MODALITIES.index(self.cfg.modalities[m]))
         pooled = self.pool[m](x, mask)
         return torch.where(mask.any(-1, keepdim=True), pooled, self.missing[m])
 
     def encode_items(self, feats: ItemFeatures, detach_pool: bool = False) -> Tensor:
-        """Item vectors of the whole catalogue, (2, N + 1, d), row 0 (padding) zero.
+        """Item vectors of the whole catalogue, (M, N + 1, d), row 0 (padding) zero.
 
         Computed once per step and gathered by id afterwards: the experts see each item once
         rather than once per history position, so expert dropout acts per item, not per position.
         `detach_pool` reproduces the reference, whose pooling weights never receive gradients."""
         out = []
-        for m in range(len(MODALITIES)):
+        for m in range(len(self.cfg.modalities)):
             pooled = self.pool_items(feats, m)
             if detach_pool:
                 pooled = pooled.detach()
             out.append(self.adaptor[m](pooled))
-        z = torch.stack(out)  # (2, N + 1, d)
+        z = torch.stack(out)  # (M, N + 1, d)
         return z.index_fill(1, torch.zeros(1, dtype=torch.long, device=z.device), 0.0)
 
     def encode_sequence(self, x: Tensor, lengths: Tensor) -> Tensor:
@@ -162,13 +164,13 @@ class M2SE(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last]
 
     def encode_history(self, ids: Tensor, inputs: Tensor) -> Tensor:
-        """ids (B, L) right-padded, inputs (2, N + 1, d) -> user vectors (2, B, d).
+        """ids (B, L) right-padded, inputs (M, N + 1, d) -> user vectors (M, B, d).
 
-        Both modalities go through the shared encoder as one batch of 2B sequences."""
-        b = ids.shape[0]
+        All modalities go through the shared encoder as one batch of M * B sequences."""
+        m, b = len(inputs), ids.shape[0]
         lengths = (ids != 0).sum(-1)
-        x = inputs[:, ids].flatten(0, 1)  # (2B, L, d)
-        return self.encode_sequence(x, lengths.repeat(2)).view(2, b, -1)
+        x = inputs[:, ids].flatten(0, 1)  # (M * B, L, d)
+        return self.encode_sequence(x, lengths.repeat(m)).view(m, b, -1)
 
 
 class ItemIdEmbedding(nn.Module):
@@ -185,12 +187,12 @@ class ItemIdEmbedding(nn.Module):
 
 
 def with_ids(z: Tensor, id_rows: Tensor | None) -> Tensor:
-    """Sequence-input and candidate vectors: z (2, N + 1, d) plus the ID rows (N + 1, d) if any."""
+    """Sequence-input and candidate vectors: z (M, N + 1, d) plus the ID rows (N + 1, d) if any."""
     return z if id_rows is None else z + id_rows
 
 
 def candidates(inputs: Tensor) -> Tensor:
-    """Normalised candidate vectors c_m[j], (2, N + 1, d)."""
+    """Normalised candidate vectors c_m[j], (M, N + 1, d)."""
     return F.normalize(inputs, dim=-1)
 
 

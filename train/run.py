@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,6 @@ from safetensors.torch import load_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
-from mp4sr_rt.manifest import file_sha256
 from train.checkpoint import Checkpoint, load_state, save_checkpoint
 from train.config import Config
 from train.data import default_demo_dir, generate_demo, load_or_preprocess
@@ -55,6 +55,15 @@ def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto
     return data, Path(features)
 
 
+def features_digest(feats: ItemFeatures) -> str:
+    """SHA-256 of the feature values: a features file written again with the same values need not
+    have the same bytes (safetensors' metadata order varies), and a run must still be recognised."""
+    digest = hashlib.sha256()
+    for t in (feats.text, feats.text_mask, feats.image, feats.image_mask):
+        digest.update(t.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_item_features(path: Path, data: SplitData, device: torch.device) -> tuple[ItemFeatures, dict]:
     arrays = read_features(path)
     rows = align(arrays, data.item_ids, str(path))
@@ -81,7 +90,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
     feats, feat_meta = load_item_features(features_path, split, dev)
-    features_sha = file_sha256(features_path)
+    features_sha = features_digest(feats)
     check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
     log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "

@@ -55,30 +55,33 @@ def pretrain_loss(
     model: M2SE, feats: ItemFeatures, ids: Tensor, targets: Tensor, cfg: TrainConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Item drop, complementary sequence mixup, NIP per modality and CMCL (SPEC section 3)."""
+    """Item drop, complementary sequence mixup, NIP per modality and CMCL (SPEC section 3).
+
+    A single-modality model (an ablation) has no other modality to mix in or contrast with: NIP only."""
     dev = ids.device
-    draw = lambda: float(torch.rand((), generator=generator))  # noqa: E731
+    draw = lambda: float(torch.rand((), device=dev, generator=generator))  # noqa: E731
     if cfg.drop_max > 0:
         ids = random_drop(ids, draw() * cfg.drop_max, generator)
-    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (2, N + 1, d)
-    seq = z[:, ids]  # (2, B, L, d)
-    if cfg.use_mixup:
+    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (M, N + 1, d)
+    both = len(z) == 2
+    seq = z[:, ids]  # (M, B, L, d)
+    if cfg.use_mixup and both:
         p = draw() * cfg.mixup_max
         m = (torch.rand(ids.shape, device=dev, generator=generator) < p) & (ids != 0)
         m = m[None, ..., None].float()  # (1, B, L, 1)
         seq = m * seq.flip(0) + (1 - m) * seq  # the same positions swapped both ways
     lengths = (ids != 0).sum(-1)
-    h = model.encode_sequence(seq.flatten(0, 1), lengths.repeat(2)).view(2, len(ids), -1)
+    h = model.encode_sequence(seq.flatten(0, 1), lengths.repeat(len(z))).view(len(z), len(ids), -1)
     h = F.normalize(h, dim=-1)
-    e = F.normalize(z[:, targets], dim=-1)  # (2, B, d)
+    e = F.normalize(z[:, targets], dim=-1)  # (M, B, d)
     q = cfg.reference_quirks
     parts = {}
     loss = torch.zeros((), device=dev)
     if cfg.use_nip:
-        for m_idx, name in enumerate(("text", "image")):
+        for m_idx, name in enumerate(model.cfg.modalities):
             parts[f"nip_{name}"] = nip_loss(h[m_idx], e[m_idx], targets, cfg.tau, q)
             loss = loss + parts[f"nip_{name}"]
-    if cfg.cmcl_weight > 0:
+    if cfg.cmcl_weight > 0 and both:
         parts["cmcl"] = cmcl_loss(h[0], h[1], targets, cfg.tau, q)
         loss = loss + cfg.cmcl_weight * parts["cmcl"]
     return loss, {k: float(v.detach()) for k, v in parts.items()}

@@ -13,7 +13,9 @@ from mp4sr_rt.commands import user_errors
 def benchmark(
     ctx: typer.Context,
     data: Path | None = typer.Option(None, help="Dataset as for `train`. Default: the built-in demo dataset."),
-    features: Path | None = typer.Option(None, help="Features file (safetensors) for the items of --data."),
+    features: Path | None = typer.Option(
+        None, help="Features file (safetensors) for the items of --data. Default: extracted as `train` does."
+    ),
     models: str = typer.Option(
         "all", help="Comma-separated models, or all: mp4sr, popularity, sasrec, sasrec-features, "
         "mp4sr-no-pretrain, no-mixup, no-cmcl, no-nip, text-only, image-only, reference-quirks."

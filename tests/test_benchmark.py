@@ -1,0 +1,148 @@
+"""`mp4sr-rt benchmark`: baselines train, cold-start rows are the held-out targets, finished runs are
+skipped on rerun, and the report is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from typer.testing import CliRunner
+
+from mp4sr_rt.cli import app
+from train.config import TrainConfig, preset, replace
+from train.model import M2SE, ItemFeatures
+from train.tasks import full_scores, pretrain_loss
+
+MODELS = "mp4sr,popularity,sasrec,sasrec-features,mp4sr-no-pretrain,text-only"
+
+
+def run_benchmark_cli(data_dir: Path, out: Path, *extra: str) -> Result:
+    args = ["benchmark", "--data", data_dir, "--features", data_dir / "features.safetensors", "--preset", "tiny",
+            "--seeds", "2", "--epochs", "1", "--models", MODELS, "--out", out, "--quiet", *extra]
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    result = run_benchmark_cli(tiny_data_dir, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_every_model_produces_finite_metrics(bench):
+    out = bench
+    for setting in ("normal", "cold-start"):
+        for model in MODELS.split(","):
+            for seed in (0, 1):
+                metrics = json.loads((out / setting / model / f"seed-{seed}" / "metrics.json").read_text())
+                assert all(math.isfinite(v) and 0 <= v <= 1 for v in metrics["test"].values()), (setting, model)
+                assert metrics["test_users"] > 0
+
+
+def test_id_only_models_cannot_rank_held_out_items(bench):
+    out = bench
+    for model in ("popularity", "sasrec"):
+        metrics = json.loads((out / "cold-start" / model / "seed-0" / "metrics.json").read_text())
+        assert metrics["test"]["recall@20"] == 0.0, model
+
+
+def test_report_has_a_table_per_setting_and_a_chart(bench):
+    out = bench
+    report = (out / "results.md").read_text()
+    assert "## Normal setting" in report and "## Cold-start setting" in report
+    assert "SASRec (item IDs only) — cannot score unseen items" in report
+    assert "Shortened schedule" in report
+    assert "--epochs 1" in report
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_rerun_skips_finished_runs(bench, tiny_data_dir):
+    out = bench
+    files = sorted(out.glob("*/*/seed-*/metrics.json"))
+    before = [f.stat().st_mtime_ns for f in files]
+    result = run_benchmark_cli(tiny_data_dir, out)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("finished earlier") == len(files) == 2 * 2 * len(MODELS.split(","))
+    assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_rerun_with_other_settings_is_refused(bench, tiny_data_dir):
+    out = bench
+    result = run_benchmark_cli(tiny_data_dir, out, "--cold-fraction", "0.2")
+    assert result.exit_code != 0
+    assert "holds a run made with other settings" in result.stderr
+
+
+def test_cold_test_rows_are_exactly_the_held_out_targets(tiny_data_dir, tmp_path):
+    from train.benchmark import cold_test
+    from train.data import hold_out_items, load_or_preprocess
+
+    data, _ = load_or_preprocess(tiny_data_dir, tmp_path / "cache", 8, 5)
+    cold, held = hold_out_items(data, 0.1, seed=0)
+    test = cold_test(cold.test, held)
+    assert len(test) == int(held[data.test.targets].sum()) > 0
+    assert held[test.targets].all()
+    assert (cold.train_counts[held] == 0).all()
+
+
+def test_cold_start_training_never_sees_held_out_items(tiny_data_dir, tmp_path):
+    from train.benchmark import drop_items, full_catalogue_ids
+    from train.data import hold_out_items, load_or_preprocess
+    from train.model import ItemIdEmbedding
+    from train.run import load_item_features
+
+    data, _ = load_or_preprocess(tiny_data_dir, tmp_path / "cache", 8, 5)
+    feats, _ = load_item_features(tiny_data_dir / "features.safetensors", data, torch.device("cpu"))
+    cold, held = hold_out_items(data, 0.1, seed=0)
+    reduced, reduced_feats, kept = drop_items(cold, feats, held)
+    assert reduced.num_items == data.num_items - held.sum() and not held[kept].any()
+    # Re-indexing keeps the training rows and the features of every remaining item.
+    np.testing.assert_array_equal(kept[reduced.train.histories], cold.train.histories)
+    np.testing.assert_array_equal(kept[reduced.train.targets], cold.train.targets)
+    torch.testing.assert_close(reduced_feats.text, feats.text[kept])
+    # Validation loses the held-out targets and history items too.
+    assert len(reduced.valid) == int((~held[data.valid.targets]).sum())
+    assert not held[kept[reduced.valid.histories]][reduced.valid.histories != 0].any()
+    # Back in the full catalogue the held-out items have no ID row: features only.
+    id_emb = ItemIdEmbedding(reduced.num_items, 4, torch.as_tensor(reduced.train_counts > 0))
+    full = full_catalogue_ids(id_emb, kept, data.num_items)
+    torch.testing.assert_close(full()[kept], id_emb())
+    assert not full.known[torch.as_tensor(held)].any() and (full()[torch.as_tensor(held)] == 0).all()
+
+
+def test_unknown_model_is_one_clear_error(tiny_data_dir, tmp_path):
+    result = run_benchmark_cli(tiny_data_dir, tmp_path / "bench", "--models", "mp4sr,bert4rec")
+    assert result.exit_code != 0
+    assert "unknown bert4rec" in result.stderr
+
+
+def tiny_feats(n: int = 30, feat: int = 12) -> ItemFeatures:
+    g = torch.Generator().manual_seed(0)
+    return ItemFeatures(torch.randn(n + 1, 3, feat, generator=g), torch.ones(n + 1, 3, dtype=torch.bool),
+                        torch.randn(n + 1, 2, feat, generator=g), torch.ones(n + 1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_single_modality_model_uses_only_its_features(modality):
+    cfg = replace(preset("tiny"), {"model.modalities": [modality]})
+    torch.manual_seed(0)
+    model = M2SE(cfg.model, 12).train()
+    feats = tiny_feats()
+    ids, targets = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([7, 9])
+    loss, parts = pretrain_loss(model, feats, ids, targets, TrainConfig())
+    assert set(parts) == {f"nip_{modality}"}  # no mixup partner, no CMCL
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # Scaling the other modality's features leaves the scores unchanged.
+    unused = "image" if modality == "text" else "text"
+    other = dataclasses.replace(feats, **{unused: getattr(feats, unused) * 3})
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(full_scores(model, feats, ids), full_scores(model, other, ids))
