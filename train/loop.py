@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -226,24 +227,22 @@ def run_fingerprint(cfg: Config, data_key: str, features_sha: str) -> dict[str, 
 def check_or_write_run(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing run unless asked; refuse to resume a different run."""
     run_file = out / "run.json"
-    if run_file.is_file():
-        if overwrite:
-            import shutil
-
-            for sub in ("stages", "checkpoint", "run.json", "metrics.json", "curves.png"):
-                target = out / sub
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-        elif not resume:
-            raise UserError(f"{out} already holds a training run; pass --resume to continue it "
-                            "or --overwrite to start again (or choose another --out)")
-        else:
-            previous = json.loads(run_file.read_text())
-            if previous != json.loads(json.dumps(fingerprint)):
-                changed = [k for k in fingerprint if previous.get(k) != json.loads(json.dumps(fingerprint[k]))]
-                raise UserError(f"--resume: {out} was started with a different {', '.join(changed)}; "
-                                "use --overwrite or another --out")
-            return
+    if run_file.is_file() and overwrite:
+        for sub in ("stages", "checkpoint", "run.json", "metrics.json", "curves.png"):
+            target = out / sub
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    elif run_file.is_file() and not resume:
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
+                        "or --overwrite to start again (or choose another --out)")
+    elif run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        current = json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
+        changed = [k for k in current if previous.get(k) != current[k]]
+        if changed:
+            raise UserError(f"--resume: {out} was started with a different {', '.join(changed)}; "
+                            "use --overwrite or another --out")
+        return
     write_json_atomic(run_file, fingerprint)
