@@ -283,7 +283,7 @@ def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict,
         "vocabulary": "items.json",
         "item_inputs": "item_inputs.npy",
         "features": {"encoder": features.get("encoder"), "dim": ckpt.model.feat_dim,
-                     "max_slots": tensorrt.MAX_SLOTS, "sha256": features.get("sha256")},
+                     "max_slots": tensorrt.MAX_SLOTS, "values_sha256": features.get("values_sha256")},
         "models": models,
         "parity": figures,
     }

@@ -134,7 +134,7 @@ def train(
         "stage": final,
         "item_ids": list(split.item_ids),
         "train_counts": split.train_counts.tolist(),
-        "features": {"path": str(features_path.resolve()), "sha256": features_sha,
+        "features": {"path": str(features_path.resolve()), "values_sha256": features_sha,
                      **{k: v for k, v in feat_meta.items() if k != "item_ids"}},
         "data": str(data_path.resolve()),
     }
