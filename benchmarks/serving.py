@@ -10,9 +10,11 @@ by the project's exporter, parity gate included. Without a checkpoint in --run t
 architecture runs with untrained weights ("demo-shape"): timings depend on shapes, not weights.
 
 Every system gets the same artifacts and the same histories (random, 1 to L items):
-- torch-eager: the export wrapper (encode_history, user . table, top-k) in eager PyTorch, on the
-  GPU when there is one, fed id arrays built beforehand and padded only to the batch's longest
-  history: a lower bound for a PyTorch service;
+- torch-eager: the model's own forward (encode_history, user . table, top-k) in eager PyTorch,
+  on the GPU when there is one, fed id arrays built beforehand and padded only to the batch's
+  longest history: a lower bound for a PyTorch service, and the reference of every ratio;
+- torch-rewritten: the same, with the exported scorer's graph (the last layer at the last
+  position alone, train/model.py encode_last): how much of the runtime's lead is that rewrite;
 - runtime-<backend>: Scorer.score end to end, original item ids in and out (k = 10, seen items
   excluded);
 - direct-<backend> / batcher-<backend>: --clients threads each sending one history at a time,
@@ -47,7 +49,7 @@ from mp4sr_rt.manifest import MANIFEST  # noqa: E402
 from mp4sr_rt.scorer import SCORE_BUDGET, Scorer  # noqa: E402
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from train.config import preset  # noqa: E402
-from train.model import M2SE  # noqa: E402
+from train.model import M2SE, user_vector  # noqa: E402
 
 K = 10
 DEMO_FEAT_DIM = 64  # feature size of an untrained demo-shape model (only the item tower sees it)
@@ -166,14 +168,25 @@ def synthetic(base: Checkpoint | None, items: int) -> Checkpoint:
 # -- systems ---------------------------------------------------------------------------------
 
 class TorchEager:
-    """The export wrapper in eager PyTorch: ids (B, L) -> top-K, in chunks of the runtime's
-    row budget, so that neither side materialises more than 1 GiB of scores at once."""
+    """Eager PyTorch: ids (B, L) -> top-K, in chunks of the runtime's row budget, so that neither
+    side materialises more than 1 GiB of scores at once.
 
-    def __init__(self, ckpt: Checkpoint, device: str, top_k: int):
+    `rewritten` False: the model's own forward (encode_history: every layer at every position),
+    what a PyTorch service would run. True: the exported scorer's graph (export/wrappers.py:
+    the last layer at the last position alone) in eager PyTorch, to tell the rewrite's share of
+    the runtime's speed from the engine's."""
+
+    def __init__(self, ckpt: Checkpoint, device: str, top_k: int, rewritten: bool = False):
         self.device = device
         self.module = ScorerModule(ckpt.model, serving_inputs(ckpt), top_k).to(device).eval()
+        self.forward = self.module if rewritten else self._model_forward
         rows = max(1, SCORE_BUDGET // (len(ckpt.item_ids) + 1))
         self.chunk = 1 << (rows.bit_length() - 1)  # the runtime's chunk size
+
+    def _model_forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.module
+        user = user_vector(m.model.encode_history(ids, m.inputs))
+        return torch.topk(user @ m.table_t + m.pad_bias, m.k, dim=-1)
 
     def __call__(self, ids: np.ndarray) -> None:
         with torch.inference_mode():
@@ -181,7 +194,7 @@ class TorchEager:
                 chunk = ids[start:start + self.chunk]
                 width = int((chunk != 0).sum(axis=1).max())  # the chunk's longest history
                 batch = torch.from_numpy(chunk[:, :width]).to(self.device)
-                scores, items, _ = self.module(batch)
+                scores, items = self.forward(batch)[:2]
                 scores.cpu(), items.cpu()  # what a service returns; also waits for the GPU
 
 
@@ -195,14 +208,17 @@ def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, a
         row[: len(h)] = [index[i] for i in h]
     common = {"catalogue": name, "items": len(ckpt.item_ids), "precision": manifest["precision"]}
 
-    bench_torch(TorchEager(ckpt, device, manifest["top_k"]), ids, args, lambda r: emit({**common, **r}))
+    for rewritten in (False, True):
+        reference = TorchEager(ckpt, device, manifest["top_k"], rewritten)
+        bench_torch(reference, ids, args, lambda r: emit({**common, **r}))
     for backend in args.backends:
         bench_runtime(artifacts, backend, histories, args, lambda r: emit({**common, **r}))
 
 
 def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[dict], None]) -> None:
     for record in measure(lambda rows: reference(ids[rows]), len(ids), args):
-        emit({"system": "torch-eager", "device": reference.device, **record})
+        system = "torch-rewritten" if reference.forward is reference.module else "torch-eager"
+        emit({"system": system, "device": reference.device, **record})
 
 
 def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], args,

@@ -210,7 +210,7 @@ def load_clip(features: dict, data: str | None):
 def write_extractor_files(text, clip, vocabulary: list[str] | None, features: dict, staging: Path) -> dict:
     """tokenizer/, and with images vocabulary.json + clip_words.npy; returns the manifest's
     `preprocessing` entry: what a caller does before and after the encoders."""
-    from train.features.text import MAX_SENTENCES
+    from mp4sr_rt.raw import MAX_SENTENCES
 
     text.tokenizer.save_pretrained(staging / "tokenizer")
     preprocessing: dict[str, Any] = {"text": {

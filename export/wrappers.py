@@ -42,7 +42,10 @@ class Scorer(nn.Module):
         self.register_buffer("pad_bias", pad_bias)
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.model.encode_history(ids, self.inputs)  # (2, B, d)
+        # encode_history, with the last layer computed at the last position alone (encode_last).
+        x = self.inputs[:, ids].flatten(0, 1)  # (2B, L, d): text rows, then image rows
+        lengths = (ids != 0).sum(-1).repeat(len(self.inputs))
+        h = self.model.encode_last(x, lengths).view(len(self.inputs), ids.shape[0], -1)  # (2, B, d)
         user = _concat_normalized(h[0], h[1])  # (B, 2d)
         scores, items = torch.topk(user @ self.table_t + self.pad_bias, self.k, dim=-1)
         return scores, items, user
@@ -78,7 +81,7 @@ class HistoryEncoder(nn.Module):
     def forward(self, inputs: Tensor, lengths: Tensor) -> Tensor:
         b = inputs.shape[0]
         x = torch.cat(inputs.chunk(2, dim=-1), dim=0)  # (2B, L, d): text rows, then image rows
-        h = self.model.encode_sequence(x, lengths.repeat(2))  # (2B, d)
+        h = self.model.encode_last(x, lengths.repeat(2))  # (2B, d), as encode_sequence
         return _concat_normalized(h[:b], h[b:])
 
 

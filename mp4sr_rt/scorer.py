@@ -3,7 +3,8 @@
     scorer = Scorer("mp4sr-out/artifacts")                       # backend="auto": fastest here
     [rec] = scorer.score([["item00012", "item00007"]], k=10)
     rec.items, rec.scores, rec.unknown_items, rec.fallback       # fallback: None | "popular"
-    scorer.add_items(["new-1"], text_feats=t, text_mask=tm, image_feats=i, image_mask=im)
+    scorer.add_items(["new-1"], texts=[["Red tent", "Sleeps four."]], images=[["tent.jpg"]])
+    scorer.add_items(["new-2"], text_feats=t, text_mask=tm, image_feats=i, image_mask=im)
     scorer.score([["new-1"]])                                     # new items: scorable at once
 
 Paths through the artifacts (docs/artifacts.md):
@@ -35,10 +36,11 @@ from mp4sr_rt.backends import Backend, open_backend
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.histories import ItemId
 from mp4sr_rt.manifest import verify_artifacts
+from mp4sr_rt.raw import RawEncoders
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 SCORE_BUDGET = 1 << 28  # score-matrix elements per model call (1 GiB in fp32), whatever N is
-MIN_WIDTH = 8  # narrowest padded history: below it, per-operator overhead dominates anyway
+WIDTH_STEP = 4  # histories are padded to a multiple of this: few distinct widths, little padding
 FEATURES = ("text_feats", "text_mask", "image_feats", "image_mask")
 
 
@@ -93,6 +95,7 @@ class Scorer:
         self._added = _Added()
         self._write_lock = threading.Lock()
         self.backend: Backend = open_backend(backend, self.directory, self.manifest, threads)
+        self._raw = RawEncoders(self.directory, self.manifest, self.backend)
         budget = max(1, SCORE_BUDGET // (self.num_base + 1))
         budget = 1 << (budget.bit_length() - 1)  # a power of two: the GPU buckets' own sizes
         self.max_batch = min(max_batch or budget, self.backend.max_batch)
@@ -138,10 +141,10 @@ class Scorer:
         return results  # type: ignore[return-value]
 
     def _width(self, length: int) -> int:
-        """Padded width of a history: a power of two >= MIN_WIDTH, at most L. It depends on the
-        history alone, so its result never depends on the batch, while short histories (most of
-        them) skip most of the padding's compute."""
-        return min(self.max_len, max(MIN_WIDTH, 1 << (length - 1).bit_length()))
+        """Padded width of a history: its length rounded up to a multiple of WIDTH_STEP, at most
+        L. It depends on the history alone, so its result never depends on the batch, while
+        each history pays for at most WIDTH_STEP - 1 padding positions."""
+        return min(self.max_len, -(-length // WIDTH_STEP) * WIDTH_STEP)
 
     def _prepare(self, history: Sequence[ItemId], added: _Added) -> _History:
         known, unknown = [], []
@@ -237,19 +240,25 @@ class Scorer:
 
     # -- new items -------------------------------------------------------------------------
 
-    def add_items(self, ids: Sequence[ItemId], texts: Sequence[Sequence[str]] | None = None,
-                  images: Sequence[Sequence[str | Path]] | None = None,
+    def add_items(self, ids: Sequence[ItemId], texts: Sequence[str | Sequence[str]] | None = None,
+                  images: Sequence[str | Path | bytes | Sequence[str | Path | bytes]] | None = None,
                   **features: np.ndarray) -> None:
         """Make new items recommendable and usable in histories at once, without retraining.
 
-        Precomputed features (as in a features file, one row per id): text_feats float32
-        (n, S, F), text_mask bool (n, S), image_feats float32 (n, V, F), image_mask bool (n, V).
-        A modality left out counts as missing for every new item; a mask left out marks every
-        slot as real. Raw `texts` / `images` need the artifacts' text and image encoders."""
-        if texts is not None or images is not None:
-            self._check_raw_inputs(texts, images)
+        Raw data (needs the artifacts' text and image encoders, i.e. features that came from
+        `mp4sr-rt features`): `texts`, per item its text fields, title first (or one string);
+        `images`, per item its image files (paths or bytes). Or precomputed features (as in a
+        features file, one row per id): text_feats float32 (n, S, F), text_mask bool (n, S),
+        image_feats float32 (n, V, F), image_mask bool (n, V); a mask left out marks every slot
+        as real. A modality given neither way counts as missing for every new item. A bad image
+        or id raises UserError and adds nothing."""
         ids = list(ids)
         self._check_new_ids(ids)
+        for modality, raw in (("text", texts), ("image", images)):
+            if raw is not None and f"{modality}_feats" in features:
+                raise UserError(f"add_items: give {modality}s or {modality}_feats, not both")
+        if texts is not None or images is not None:
+            features = {**features, **self._raw.features(len(ids), self._feature_dim(), texts, images)}
         table, inputs = self.backend.encode_items(self._item_tower_feeds(len(ids), features))
         with self._write_lock:
             old = self._added
@@ -261,17 +270,6 @@ class Scorer:
                 table if old.table is None else np.concatenate([old.table, table]),
                 inputs if old.inputs is None else np.concatenate([old.inputs, inputs]),
             )
-
-    def _check_raw_inputs(self, texts, images) -> None:
-        missing = [role for role, given in (("text_encoder", texts), ("image_encoder", images))
-                   if given is not None and role not in self.manifest["models"]]
-        if missing:
-            raise ArtifactError(
-                f"{self.directory} carries no {' or '.join(missing)} (its features did not come "
-                "from `mp4sr-rt features`): pass precomputed features (text_feats, text_mask, "
-                "image_feats, image_mask) instead")
-        raise UserError("raw texts/images: this runtime version cannot run the exported encoders; "
-                        "compute the features with `mp4sr-rt features` and pass them instead")
 
     def _check_new_ids(self, ids: list[ItemId]) -> None:
         if not ids:
@@ -291,7 +289,8 @@ class Scorer:
             raise UserError(
                 f"add_items: unknown feature {unknown[0]!r}; expected {', '.join(FEATURES)}")
         if not any(name in features for name in ("text_feats", "image_feats")):
-            raise UserError("add_items: give text_feats and/or image_feats (precomputed features)")
+            raise UserError("add_items: give texts and/or images, or precomputed text_feats "
+                            "and/or image_feats")
         feat_dim = self._feature_dim()
         feeds = {}
         for modality in ("text", "image"):

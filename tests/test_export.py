@@ -209,50 +209,7 @@ def test_cpp_example_scores_like_python(exported, tmp_path):
     np.testing.assert_allclose([float(s) for _, s in got], scores[0, :10], rtol=1e-5)
 
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture
-def run_with_extractors(tiny_run, tiny_data_dir, tmp_path) -> Path:
-    """The tiny run, its features re-described as made by `mp4sr-rt features` with a tiny BERT
-    (12-d, like the run's features) and a tiny CLIP: what the export reads to find the extractors."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from train.data import read_dataset
-    from train.features.cache import FeatureCache
-    from train.features.extract import extract
-    from train.features.image import Clip
-    from train.features.store import read_features
-    from train.features.text import TextEncoder, resolve_checkpoint
-
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(resolve_checkpoint(None) / name, bert / name)
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-                         max_position_embeddings=64)).save_pretrained(bert)
-    clip_config = tmp_path / "tiny-clip.json"
-    clip_config.write_text(json.dumps(TINY_CLIP))
-    with FeatureCache(tmp_path / "cache") as cache:
-        extract(read_dataset(tiny_data_dir), tmp_path / "features.safetensors", TextEncoder.load(bert),
-                Clip.load(str(clip_config)), cache=cache, image_tokens=3, progress=False)
-    meta = read_features(tmp_path / "features.safetensors").meta
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run / "checkpoint", run / "checkpoint")
-    sidecar = json.loads((run / "checkpoint" / "config.json").read_text())
-    sidecar["features"] = {k: v for k, v in meta.items() if k != "item_ids"}
-    sidecar["data"] = str(tiny_data_dir)
-    (run / "checkpoint" / "config.json").write_text(json.dumps(sidecar))
-    return run
-
-
-def test_feature_extractors_are_exported_with_their_preprocessing(run_with_extractors, tmp_path, monkeypatch):
+def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     import export.run as export_run
@@ -260,7 +217,7 @@ def test_feature_extractors_are_exported_with_their_preprocessing(run_with_extra
     specs = export_run.model_specs
     monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k: specs(ckpt, k)[:1])  # scorer + extractors
     out = tmp_path / "artifacts"
-    manifest = export_run.export(run_with_extractors, out, fp16=True, top_k=20, triton_dir=tmp_path / "triton")
+    manifest = export_run.export(extractor_run, out, fp16=True, top_k=20, triton_dir=tmp_path / "triton")
     verify_artifacts(out)
     models = manifest["models"]
     assert (models["text_encoder"]["precision"], models["scorer"]["precision"]) == ("fp32", "fp16")

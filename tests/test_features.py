@@ -18,14 +18,15 @@ import torch
 from PIL import Image
 
 from mp4sr_rt.errors import UserError
+from mp4sr_rt.raw import split_sentences, top_words
 from train.data import read_dataset
 from train.data.demo import read_catalogue
 from train.data.types import ItemInfo, RawData
 from train.features.cache import FeatureCache
 from train.features.extract import default_features_path, extract, extract_features
-from train.features.image import PROMPT, Clip, build_vocabulary, encode_text_trimmed, top_words
+from train.features.image import PROMPT, Clip, build_vocabulary, encode_text_trimmed
 from train.features.store import read_features
-from train.features.text import TextEncoder, checkpoint_pooling, resolve_checkpoint, split_sentences
+from train.features.text import TextEncoder, checkpoint_pooling, resolve_checkpoint
 
 TINY_CLIP = {
     "embed_dim": 16,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,20 @@ def feats() -> ItemFeatures:
 def histories() -> torch.Tensor:
     ids = torch.tensor([[3, 7, 9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8], [12, 0, 0, 0, 0, 0, 0, 0]])
     return ids
+
+
+@pytest.mark.parametrize("layers,heads", [(1, 1), (2, 2), (3, 4)])
+def test_encode_last_is_encode_sequence(layers, heads):
+    """The serving rewrite (last layer at the last position alone) computes the same function,
+    whatever the depth and heads, for empty, short, full-width and padded histories."""
+    torch.manual_seed(layers)
+    cfg = dataclasses.replace(preset("tiny").model, n_layers=layers, n_heads=heads, d=16)
+    model = M2SE(cfg, FEAT).eval()
+    x = torch.randn(5, cfg.max_len, cfg.d)
+    lengths = torch.tensor([0, 1, 3, cfg.max_len, cfg.max_len - 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_last(x, lengths), model.encode_sequence(x, lengths),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_causal_earlier_outputs_ignore_later_items(model, feats):

@@ -175,10 +175,10 @@ def test_integer_ids_match_numeric_item_ids(artifacts_copy):
 
 # -- scoring semantics -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("min_width", [8, 2])
-def test_results_do_not_depend_on_the_batch(scorer, item_ids, min_width, monkeypatch):
-    """Also with several padded widths (tiny L is 8: a minimum width of 2 gives 2, 4 and 8)."""
-    monkeypatch.setattr("mp4sr_rt.scorer.MIN_WIDTH", min_width)
+@pytest.mark.parametrize("step", [8, 3, 1])
+def test_results_do_not_depend_on_the_batch(scorer, item_ids, step, monkeypatch):
+    """Also with several padded widths (tiny L is 8: a step of 3 gives widths 3, 6 and 8)."""
+    monkeypatch.setattr("mp4sr_rt.scorer.WIDTH_STEP", step)
     histories = random_histories(item_ids, 80, seed=2)
     batched = scorer.score(histories, k=7)
     assert [scorer.score([h], k=7)[0] for h in histories] == batched
@@ -309,7 +309,7 @@ def load_features(ckpt, indices: list[int]) -> dict[str, np.ndarray]:
     (["x"], {"text_feats": (1, 3), "text_mask": (1, 2)}, "text_mask must be bool of shape"),
     (["x"], {"text_feats": (1, 3), "image_mask": (1, 2)}, "image_mask given without image_feats"),
     (["x"], {"colour": (1,)}, "unknown feature 'colour'"),
-    (["x"], {}, "give text_feats and/or image_feats"),
+    (["x"], {}, "give texts and/or images"),
     (["x"], {"texts": [["a red tent"]]}, "carries no text_encoder"),
 ])
 def test_add_items_rejects_bad_input(scorer, ids, features, message):

@@ -45,6 +45,9 @@ class Backend(Protocol):
     def encode_items(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """item_tower.onnx: feature slots -> table float32 (n, 2d), inputs float32 (n, 2d)."""
 
+    def embed(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """text_encoder.onnx or image_encoder.onnx: its inputs -> vectors float32 (B, F)."""
+
 
 def open_backend(name: str, directory: Path, manifest: dict, threads: int = 0) -> Backend:
     """The backend called `name` over the artifacts in `directory`; BackendUnavailable if it

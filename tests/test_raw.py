@@ -1,0 +1,124 @@
+"""New items from raw text and images at serve time (mp4sr_rt.raw): the runtime's torch-free
+preprocessing against train/features, which made the training features with the same encoders,
+and Scorer.add_items end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mp4sr_rt.errors import ArtifactError, UserError
+from mp4sr_rt.raw import clip_pixels, decode_image
+from mp4sr_rt.scorer import Scorer
+
+FEEDS = ("text_feats", "text_mask", "image_feats", "image_mask")
+
+
+@pytest.mark.parametrize("size", [(40, 25), (25, 40), (32, 32), (7, 300), (333, 17), (20, 20), (33, 32)])
+def test_pixels_are_open_clips(size):
+    """Landscape, portrait, square, up- and down-scaled, odd crop offsets: the same floats."""
+    import open_clip
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    preprocess = open_clip.image_transform(32, is_train=False)
+    normalize = next(t for t in preprocess.transforms if hasattr(t, "mean"))
+    got = clip_pixels(image, 32, normalize.mean, normalize.std)
+    np.testing.assert_allclose(got, preprocess(image).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def scorer(extractor_artifacts) -> Scorer:
+    return Scorer(extractor_artifacts, backend="cpu")
+
+
+def test_text_vectors_match_the_training_encoder(scorer, extractor_run):
+    """Tokenizer (lower-casing, accents, CJK, truncation at max_tokens) and pooling."""
+    from train.features.text import TextEncoder
+
+    sentences = ["A red tent.", "Café naïve résumé", "日本語の説明", "x", " ".join(["word"] * 400)]
+    reference = TextEncoder.load(extractor_run.parent / "bert").encode(sentences)
+    got = scorer._raw._sentence_vectors([sentences])
+    np.testing.assert_allclose(np.stack([got[s] for s in sentences]), reference, atol=1e-5)
+
+
+def readable_items(tiny_data_dir) -> tuple[list[str], list, list]:
+    """Items of the tiny dataset with text and only decodable images: (ids, texts, images)."""
+    from train.data import read_dataset
+
+    raw = read_dataset(tiny_data_dir)
+    chosen = []
+    for item, info in sorted(raw.item_info.items()):
+        blobs = [Path(p).read_bytes() for p in info.images if Path(p).is_file()]
+        if info.sentences and len(blobs) == len(info.images) and all(decode_image(b) for b in blobs):
+            chosen.append((item, list(info.sentences), list(info.images)))
+    assert len(chosen) >= 5 and any(images for *_, images in chosen)
+    return tuple(map(list, zip(*chosen[:8], strict=True)))  # type: ignore[return-value]
+
+
+def test_raw_items_get_the_features_training_extracted(scorer, extractor_run, tiny_data_dir):
+    from train.features.store import read_features
+
+    items, texts, images = readable_items(tiny_data_dir)
+    feeds = scorer._raw.features(len(items), scorer._feature_dim(), texts, images)
+    arrays = read_features(extractor_run.parent / "features.safetensors")
+    rows = [arrays.item_ids.index(item) for item in items]
+    assert feeds["image_mask"].sum() >= 3 and feeds["text_mask"].sum() >= len(items)
+    for modality in ("text", "image"):
+        mask, feats = feeds[f"{modality}_mask"], feeds[f"{modality}_feats"]
+        want_mask = np.asarray(getattr(arrays, f"{modality}_mask"))[rows].astype(bool)
+        want = np.asarray(getattr(arrays, f"{modality}_feats"))[rows]
+        slots = mask.shape[1]
+        assert not want_mask[:, slots:].any()
+        np.testing.assert_array_equal(mask, want_mask[:, :slots])
+        np.testing.assert_allclose(feats, want[:, :slots] * mask[..., None], atol=1e-5)
+
+
+def test_add_items_from_raw_data(extractor_artifacts, tiny_data_dir):
+    runtime = Scorer(extractor_artifacts, backend="cpu")
+    items, texts, images = readable_items(tiny_data_dir)
+    new = [f"new-{item}" for item in items[:3]]
+    runtime.add_items(new, texts=texts[:3], images=images[:3])
+    feeds = runtime._raw.features(3, runtime._feature_dim(), texts[:3], images[:3])
+    table, _ = runtime.backend.encode_items(feeds)
+    np.testing.assert_allclose(runtime._added.table, table, atol=1e-6)
+
+    # Scorable at once, with user . row as the score, and usable in a history.
+    history = [items[4], items[3]]
+    everything = runtime.score([history], k=runtime.num_items, exclude_seen=False)[0]
+    user = runtime.backend.run(np.array([[runtime._index[i] for i in history]]))[2][0]
+    for j, item in enumerate(new):
+        assert everything.scores[everything.items.index(item)] == pytest.approx(float(user @ table[j]), abs=1e-5)
+    rec = runtime.score([[new[0], items[4]]], k=5)[0]
+    assert rec.fallback is None and rec.unknown_items == [] and new[0] not in rec.items
+
+    # Text only, and one image given as bytes: the other modality counts as missing.
+    runtime.add_items(["text-only"], texts=["A red tent. It sleeps four."])
+    runtime.add_items(["image-only"], images=[[Path(images[0][0]).read_bytes()]])
+    assert runtime.num_items == len(runtime._item_ids) + 5
+
+
+def test_add_items_refuses_bad_raw_input_and_adds_nothing(scorer, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    before = scorer.num_items
+    cases = [
+        ({"texts": ["a"], "images": [[str(broken)]]}, f"image {broken} is not a readable image"),
+        ({"images": [[str(tmp_path / "missing.png")]]}, "missing.png cannot be read"),
+        ({"texts": ["a", "b"]}, "one entry per item id"),
+        ({"texts": [[1, 2]]}, r"texts\[0\] must be a string or a list of strings"),
+        ({"images": [[3]]}, r"images\[0\] must be a path"),
+        ({"texts": ["a"], "text_feats": np.zeros((1, 1, scorer._feature_dim()), np.float32)}, "not both"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            scorer.add_items(["x"], **kwargs)
+    assert scorer.num_items == before
+
+
+def test_artifacts_without_encoders_say_so(tiny_artifacts):
+    with pytest.raises(ArtifactError, match="carries no text_encoder or image_encoder"):
+        Scorer(tiny_artifacts, backend="cpu").add_items(["x"], images=[["a.png"]])
