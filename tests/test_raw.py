@@ -4,17 +4,21 @@ and Scorer.add_items end to end."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from mp4sr_rt.cli import app
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.raw import clip_pixels, decode_image
 from mp4sr_rt.scorer import Scorer
 
-FEEDS = ("text_feats", "text_mask", "image_feats", "image_mask")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("size", [(40, 25), (25, 40), (32, 32), (7, 300), (333, 17), (20, 20), (33, 32)])
@@ -122,3 +126,48 @@ def test_add_items_refuses_bad_raw_input_and_adds_nothing(scorer, tmp_path):
 def test_artifacts_without_encoders_say_so(tiny_artifacts):
     with pytest.raises(ArtifactError, match="carries no text_encoder or image_encoder"):
         Scorer(tiny_artifacts, backend="cpu").add_items(["x"], images=[["a.png"]])
+
+
+# -- mp4sr-rt score --new-items --------------------------------------------------------------
+
+def score_cli(*args: str):
+    return CliRunner().invoke(app, ["score", *map(str, args)])
+
+
+def test_score_with_new_items_from_an_items_file(extractor_artifacts, tiny_data_dir, tmp_path):
+    items, texts, images = readable_items(tiny_data_dir)
+    lines = [{"item_id": "new-1", "title": texts[0][0], "description": " ".join(texts[0][1:]),
+              "images": [os.path.relpath(p, tmp_path) for p in images[0]]},
+             {"item_id": "new-2", "title": texts[1][0]}]
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "history.json").write_text(json.dumps({"user": "u", "history": ["new-1", items[2], "new-2"]}))
+    result = score_cli(tmp_path / "history.json", "--artifacts", extractor_artifacts, "-k", "1000",
+                       "--include-seen", "--new-items", tmp_path / "new.jsonl")
+    assert result.exit_code == 0, result.output
+    [rec] = json.loads(result.stdout)
+    assert rec["unknown_items"] == [] and rec["fallback"] is None
+    num_items = len(json.loads((extractor_artifacts / "items.json").read_text())["items"])
+    assert len(rec["items"]) == num_items + 2 and {"new-1", "new-2"} <= set(rec["items"])
+    assert "added 2 new items" in result.stderr
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ([{"item_id": "a", "title": "x"}, {"item_id": "a", "title": "y"}], "item 'a' repeats line 1"),
+    ([{"item_id": "a"}], "item 'a' has neither text nor images"),
+    ([{"title": "x"}], "line 1: missing field 'item_id'"),
+    ([{"item_id": "a", "images": ["missing.png"]}], "missing.png cannot be read"),
+    ([], "no items"),
+])
+def test_score_refuses_bad_new_items(extractor_artifacts, tmp_path, lines, message):
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "history.json").write_text('["a"]')
+    result = score_cli(tmp_path / "history.json", "--artifacts", extractor_artifacts,
+                       "--new-items", tmp_path / "new.jsonl")
+    assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_score_new_items_needs_the_encoders(tiny_artifacts, tmp_path):
+    (tmp_path / "new.jsonl").write_text('{"item_id": "a", "title": "A red tent"}\n')
+    result = score_cli(ROOT / "examples" / "history.json", "--artifacts", tiny_artifacts,
+                       "--new-items", tmp_path / "new.jsonl")
+    assert result.exit_code == 2 and "carries no text_encoder" in result.stderr

@@ -49,6 +49,11 @@ def score(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Score the valid histories and report the invalid ones in place, "
                                "instead of failing when any is invalid.")] = False,
+    new_items: Annotated[Path | None, typer.Option(
+        "--new-items", help="items.jsonl of items to add before scoring (item_id, text fields, "
+                            "images relative to the file): recommendable and usable in histories "
+                            "without retraining. Needs artifacts with the text (and image) encoders.")
+    ] = None,
 ) -> None:
     """Recommend the top-k items for each history of HISTORY_FILE (results on stdout as JSON)."""
     entries = parse_histories(read_text(history_file))
@@ -62,6 +67,8 @@ def score(
 
     start = time.perf_counter()
     scorer = Scorer(artifacts, backend=backend)
+    if new_items is not None:
+        add_new_items(scorer, new_items)
     valid = [e for e in entries if isinstance(e, HistoryRequest)]
     recommendations = iter(scorer.score([e.items for e in valid], k=k, exclude_seen=exclude_seen))
     results = [
@@ -72,6 +79,23 @@ def score(
     print("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in results) + "]")
     print(f"scored {len(valid)} histories ({len(invalid)} skipped) on {scorer.backend.name} in "
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+
+def add_new_items(scorer, path: Path) -> None:
+    """Add the items of an items.jsonl file through their raw text and images."""
+    from mp4sr_rt.items import read_items
+
+    start = time.perf_counter()
+    records = read_items(path)
+    if not records:
+        raise UserError(f"{path}: no items")
+    empty = next((r for r in records if not r.fields and not r.images), None)
+    if empty is not None:
+        raise UserError(f"{path}: item {empty.item_id!r} has neither text nor images to be scored by")
+    images = [list(r.images) for r in records] if any(r.images for r in records) else None
+    scorer.add_items([r.item_id for r in records], texts=[list(r.fields) for r in records], images=images)
+    print(f"added {len(records)} new items from {path} in {time.perf_counter() - start:.2f} s",
+          file=sys.stderr)
 
 
 def read_text(history_file: str) -> str:

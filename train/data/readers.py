@@ -16,26 +16,22 @@ one). Input files are only ever opened for reading.
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from mp4sr_rt.errors import UserError
+from mp4sr_rt.items import TEXT_FIELDS, json_lines, open_text, parse_id, read_items, string_list, text_fields, where
 from train.data.types import ItemInfo, RawData
 
 GENERIC_SUFFIXES = (".csv", ".jsonl", ".parquet")
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp")
 AMAZON_FIELDS = ("reviewerID", "asin", "unixReviewTime")
-TEXT_FIELDS = ("title", "description", "brand", "categories")  # sentence order, title first
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-# Item fields that are not text: never turned into sentences.
-_NON_TEXT_FIELDS = {"item_id", "images", "image_urls"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +125,7 @@ def _read_generic(files: DatasetFiles) -> RawData:
 
 
 def _csv_interactions(path: Path) -> Iterator[tuple[str, str, float]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -146,8 +142,8 @@ def _csv_interactions(path: Path) -> Iterator[tuple[str, str, float]]:
                     )
                 user, item, ts = (row[i] for i in columns)
                 yield (
-                    _id(user, "user_id", path, line),
-                    _id(item, "item_id", path, line),
+                    parse_id(user, "user_id", path, line),
+                    parse_id(item, "item_id", path, line),
                     _timestamp(ts, "timestamp", path, line),
                 )
         except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -158,13 +154,13 @@ def _json_interactions(
     path: Path, fields: tuple[str, str, str]
 ) -> Iterator[tuple[str, str, float]]:
     user_f, item_f, time_f = fields
-    for line, record in _json_lines(path):
+    for line, record in json_lines(path):
         missing = [f for f in fields if f not in record]
         if missing:
             raise UserError(f"{path}, line {line}: missing field {missing[0]!r}")
         yield (
-            _id(record[user_f], user_f, path, line),
-            _id(record[item_f], item_f, path, line),
+            parse_id(record[user_f], user_f, path, line),
+            parse_id(record[item_f], item_f, path, line),
             _timestamp(record[time_f], time_f, path, line),
         )
 
@@ -181,11 +177,11 @@ def _parquet_interactions(path: Path) -> Iterator[tuple[str, str, float]]:
     users, items = (table.column(c).to_pylist() for c in INTERACTION_FIELDS[:2])
     timestamps = _parquet_timestamps(table.column("timestamp"))
     for row, (user, item, ts) in enumerate(zip(users, items, timestamps, strict=True), start=1):
-        where = f"row {row}"
+        at = f"row {row}"
         yield (
-            _id(user, "user_id", path, where),
-            _id(item, "item_id", path, where),
-            _timestamp(ts, "timestamp", path, where),
+            parse_id(user, "user_id", path, at),
+            parse_id(item, "item_id", path, at),
+            _timestamp(ts, "timestamp", path, at),
         )
 
 
@@ -201,21 +197,8 @@ def _parquet_timestamps(column: Any) -> list[Any]:
 
 
 def _generic_items(path: Path) -> dict[str, ItemInfo]:
-    info = {}
-    for line, record in _json_lines(path):
-        if "item_id" not in record:
-            raise UserError(f"{path}, line {line}: missing field 'item_id'")
-        item = _id(record["item_id"], "item_id", path, line)
-        # Named text fields first, then any other string field in name order, so the sentence
-        # order does not depend on how the file happened to order its keys.
-        others = sorted(k for k in record if k not in _NON_TEXT_FIELDS and k not in TEXT_FIELDS)
-        images = _string_list(record.get("images", []), "images", path, line)
-        info[item] = ItemInfo(
-            sentences=_sentences(record, TEXT_FIELDS + tuple(others)),
-            images=tuple(str((path.parent / p).resolve()) for p in images),
-            image_urls=tuple(_string_list(record.get("image_urls", []), "image_urls", path, line)),
-        )
-    return info
+    return {r.item_id: ItemInfo(sentences=r.fields, images=r.images, image_urls=r.image_urls)
+            for r in read_items(path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +214,7 @@ def _read_recbole(files: DatasetFiles) -> RawData:
 
 def _recbole_rows(path: Path) -> Iterator[tuple[int, list[tuple[str, str]], list[str]]]:
     """Yield (line, header, fields); the header is [(name, type)] from ``name:type`` columns."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             first = f.readline()
             if not first.strip():
@@ -258,8 +241,8 @@ def _recbole_interactions(path: Path) -> Iterator[tuple[str, str, float]]:
             raise UserError(f"{path}, line {line}: expected {len(header)} tab-separated fields")
         user, item, ts = (fields[i] for i in columns)
         yield (
-            _id(user, "user_id", path, line),
-            _id(item, "item_id", path, line),
+            parse_id(user, "user_id", path, line),
+            parse_id(item, "item_id", path, line),
             _timestamp(ts, "timestamp", path, line),
         )
 
@@ -279,7 +262,7 @@ def _recbole_items(path: Path) -> dict[str, ItemInfo]:
         fields += [""] * (len(header) - len(fields))  # RecBole writes empty trailing fields short
         text = (fields[i].strip() for i in text_cols)
         # A bare number (a year, a rank) says nothing as a sentence.
-        info[_id(fields[item_col], "item_id", path, line)] = ItemInfo(
+        info[parse_id(fields[item_col], "item_id", path, line)] = ItemInfo(
             sentences=tuple(t for t in text if t and not _is_number(t))
         )
     return info
@@ -305,15 +288,15 @@ def _read_amazon(files: DatasetFiles) -> RawData:
 
 def _amazon_meta(path: Path) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     meta = {}
-    for line, record in _json_lines(path):
+    for line, record in json_lines(path):
         if "asin" not in record:
             raise UserError(f"{path}, line {line}: missing field 'asin'")
         record = {**record, "categories": record.get("category")}
         urls = []
         for field in ("imageURLHighRes", "imageURL"):
-            urls += _string_list(record.get(field) or [], field, path, line)
-        meta[_id(record["asin"], "asin", path, line)] = (
-            _sentences(record, TEXT_FIELDS),
+            urls += string_list(record.get(field) or [], field, path, line)
+        meta[parse_id(record["asin"], "asin", path, line)] = (
+            text_fields(record, TEXT_FIELDS),
             tuple(dict.fromkeys(urls)),  # the same URL often appears in both lists
         )
     return meta
@@ -354,33 +337,6 @@ def _raw_data(
     )
 
 
-def _open_text(path: Path) -> IO[str]:
-    try:
-        if path.suffix == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-        return open(path, encoding="utf-8-sig", newline="")  # utf-8-sig: tolerate a BOM
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line of a JSON-lines file."""
-    with _open_text(path) as f:
-        try:
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {line}: malformed JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}, line {line}: expected a JSON object")
-                yield line, record
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-
-
 def _column_indices(path: Path, names: list[str], required: tuple[str, ...]) -> list[int]:
     missing = [c for c in required if c not in names]
     if missing:
@@ -391,30 +347,15 @@ def _column_indices(path: Path, names: list[str], required: tuple[str, ...]) -> 
     return [names.index(c) for c in required]
 
 
-def _where(path: Path, at: int | str) -> str:
-    return f"{path}, {at if isinstance(at, str) else f'line {at}'}"
-
-
-def _id(value: Any, field: str, path: Path, at: int | str) -> str:
-    if value is None:
-        raise UserError(f"{_where(path, at)}: {field} is missing")
-    if isinstance(value, (bool, dict, list)):
-        raise UserError(f"{_where(path, at)}: {field} must be a string or number, got {value!r}")
-    text = str(value).strip()
-    if not text:
-        raise UserError(f"{_where(path, at)}: {field} is empty")
-    return text
-
-
 def _timestamp(value: Any, field: str, path: Path, at: int | str) -> float:
     try:
         if isinstance(value, bool):
             raise TypeError
         t = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{_where(path, at)}: {field} {value!r} is not a number") from None
+        raise UserError(f"{where(path, at)}: {field} {value!r} is not a number") from None
     if not math.isfinite(t):
-        raise UserError(f"{_where(path, at)}: {field} {value!r} is not a finite number")
+        raise UserError(f"{where(path, at)}: {field} {value!r} is not a finite number")
     return t
 
 
@@ -424,24 +365,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _string_list(value: Any, field: str, path: Path, line: int) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{path}, line {line}: {field} must be a list of strings")
-    return [v for v in value if v.strip()]
-
-
-def _sentences(record: dict[str, Any], fields: Iterable[str]) -> tuple[str, ...]:
-    """One sentence per text field; a list is joined (paragraphs by spaces, labels by commas)."""
-    out = []
-    for field in fields:
-        value = record.get(field)
-        if isinstance(value, list):
-            parts = [v.strip() for v in value if isinstance(v, str) and v.strip()]
-            value = (" " if field == "description" else ", ").join(parts)
-        if isinstance(value, str) and value.strip():
-            out.append(value.strip())
-    return tuple(out)
