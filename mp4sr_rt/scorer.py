@@ -16,9 +16,8 @@ Paths through the artifacts (docs/artifacts.md):
 - a history with no known item: the most popular items, flagged "popular".
 On the CPU every history is padded to a width that depends on its own length alone (the next
 multiple of 8, at most L), so its result never depends on the other histories of the batch, bit
-for bit. A GPU
-picks kernels per batch size anyway (results agree to ~1e-6, not bit for bit), so there a batch
-is padded to L once and the catalogue is scanned once per call rather than once per width.
+for bit. A GPU picks kernels per batch size anyway (results agree to ~1e-6, not bit for bit), so
+there a batch is padded to L once and the catalogue is scanned once per call, not once per width.
 """
 
 from __future__ import annotations
