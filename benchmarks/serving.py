@@ -105,6 +105,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of PyTorch and of the CPU backend alike (0: their defaults)")
     p.add_argument("--fp16", action="store_true", help="export fp16 artifacts (fp16 item table)")
+    p.add_argument("--topk-block", type=int, default=0,
+                   help="export the scorer with a two-stage top k over blocks of this many items")
     p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",
                    help="exported catalogues, reused by later runs with the same settings")
     p.add_argument("--out", type=Path, default=ROOT / "mp4sr-out" / "bench")
@@ -127,7 +129,7 @@ def base_checkpoint(run: Path) -> Checkpoint | None:
 
 def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, Path, Checkpoint]:
     """(name, artifact directory, checkpoint) of one catalogue, exported once into --work."""
-    precision = "fp16" if args.fp16 else "fp32"
+    precision = ("fp16" if args.fp16 else "fp32") + (f"-block{args.topk_block}" if args.topk_block else "")
     if size == "demo" and base is not None:
         run, name = args.run, "demo"
         work = args.work / f"demo-{base.meta['model_sha256'][:12]}-{precision}"
@@ -142,7 +144,7 @@ def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, Path, Chec
     artifacts = work / "artifacts"
     if not (artifacts / MANIFEST).is_file():
         t0 = time.perf_counter()
-        export(run, artifacts, fp16=args.fp16, top_k=100)
+        export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block)
         print(f"{name}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return name, artifacts, load_checkpoint(run / "checkpoint")
 
@@ -206,7 +208,8 @@ def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, a
     ids = np.zeros((len(histories), manifest["max_len"]), dtype=np.int64)
     for row, h in zip(ids, histories, strict=True):
         row[: len(h)] = [index[i] for i in h]
-    common = {"catalogue": name, "items": len(ckpt.item_ids), "precision": manifest["precision"]}
+    common = {"catalogue": name, "items": len(ckpt.item_ids), "precision": manifest["precision"],
+              "topk_block": manifest.get("topk_block", 0)}
 
     for rewritten in (False, True):
         reference = TorchEager(ckpt, device, manifest["top_k"], rewritten)

@@ -51,7 +51,7 @@ def serving_inputs(ckpt: Checkpoint) -> Tensor:
     return with_ids(ckpt.z, ckpt.id_emb() if ckpt.id_emb is not None else None).detach()
 
 
-def model_specs(ckpt: Checkpoint, k: int) -> list[ModelSpec]:
+def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec]:
     """The scorer, the item tower and the history encoder, traced on small fixed shapes
     (batch 2, history 3, 3 text and 2 image slots) that parity then avoids."""
     model, feat_dim = ckpt.model, ckpt.model.feat_dim
@@ -64,7 +64,7 @@ def model_specs(ckpt: Checkpoint, k: int) -> list[ModelSpec]:
                   torch.randn(2, 2, feat_dim, generator=g), image_mask)
     history = (torch.randn(2, length, 2 * model.cfg.d, generator=g), torch.tensor([length, 1]))
     return [
-        ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k), (ids,), ("ids",),
+        ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k, topk_block), (ids,), ("ids",),
                   ("scores", "items", "user"), {"ids": {0: "batch", 1: "history"}}),
         ModelSpec("item_tower", ItemTower(model), item_feats,
                   ("text_feats", "text_mask", "image_feats", "image_mask"), ("table", "inputs"),

@@ -46,14 +46,15 @@ def log(msg: str) -> None:
 
 def export(
     run_dir: Path = Path("mp4sr-out"), out: Path | None = None, fp16: bool = False, top_k: int = 100,
-    max_batch: int = 4096, trt: bool = False, triton_dir: Path | None = None,
+    max_batch: int = 4096, trt: bool = False, triton_dir: Path | None = None, topk_block: int = 0,
 ) -> dict[str, Any]:
     """Export the run's checkpoint; returns the manifest. Raises UserError (nothing written) on failure."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "artifacts"
-    if top_k < 1 or max_batch < 1:
-        raise UserError(f"--top-k and --max-batch must be >= 1 (got {top_k} and {max_batch})")
+    if top_k < 1 or max_batch < 1 or topk_block < 0:
+        raise UserError(f"--top-k and --max-batch must be >= 1 and --topk-block >= 0 "
+                        f"(got {top_k}, {max_batch} and {topk_block})")
     if trt:
         tensorrt.require()  # before any work: a clear message at once
     check_replaceable(out, is_ours=lambda d: (d / MANIFEST).is_file())
@@ -66,7 +67,7 @@ def export(
         log(f"note: --top-k {top_k} > {len(ckpt.item_ids)} items; the scorer returns the top {k}")
 
     with staging_dir(out) as staging:
-        manifest = write_artifacts(ckpt, run_dir, staging, fp16, k, max_batch, trt)
+        manifest = write_artifacts(ckpt, run_dir, staging, fp16, k, max_batch, trt, topk_block)
         if triton_dir is not None:
             with staging_dir(triton_dir) as triton_staging:
                 names = triton.write_repository(staging, manifest, triton_staging, max_batch)
@@ -121,10 +122,10 @@ def publish(staging: Path, dest: Path) -> None:
 
 
 def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, k: int,
-                    max_batch: int, trt: bool) -> dict[str, Any]:
+                    max_batch: int, trt: bool, topk_block: int = 0) -> dict[str, Any]:
     text, clip, vocabulary = load_extractors(ckpt)
     limits = {"history": ckpt.cfg.model.max_len} | ({"tokens": text.max_length} if text else {})
-    specs = model_specs(ckpt, k) + (encoder_specs(text, clip) if text else [])
+    specs = model_specs(ckpt, k, topk_block) + (encoder_specs(text, clip) if text else [])
     models = {}
     for spec in specs:
         # The feature extractors stay fp32 under --fp16: they run once per new item, off the
@@ -148,7 +149,8 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
     if failures:
         raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
 
-    manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt)
+    manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt,
+                              topk_block)
     if preprocessing:
         manifest["preprocessing"] = preprocessing
     manifest["files"] = hash_files(staging)
@@ -264,7 +266,7 @@ def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str,
 
 
 def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict, precision: str,
-                   k: int, max_batch: int, trt: bool) -> dict[str, Any]:
+                   k: int, max_batch: int, trt: bool, topk_block: int = 0) -> dict[str, Any]:
     features = ckpt.meta.get("features", {})
     return {
         "schema": SCHEMA,
@@ -277,6 +279,7 @@ def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict,
         "pad_id": 0,
         "max_len": ckpt.cfg.model.max_len,
         "top_k": k,
+        "topk_block": topk_block,
         "dim": 2 * ckpt.cfg.model.d,
         "num_items": len(ckpt.item_ids),
         "max_batch": max_batch,

@@ -26,19 +26,25 @@ def _concat_normalized(text: Tensor, image: Tensor) -> Tensor:
 
 
 class Scorer(nn.Module):
-    """Item-ID histories -> top-k items over the catalogue folded into the graph."""
+    """Item-ID histories -> top-k items over the catalogue folded into the graph.
 
-    def __init__(self, model: M2SE, inputs: Tensor, k: int):
+    `block` > 0: the top k in two stages over blocks of that many items (block_topk)."""
+
+    def __init__(self, model: M2SE, inputs: Tensor, k: int, block: int = 0):
         super().__init__()
         self.model = model
         self.k = k
+        self.block = block
         self.register_buffer("inputs", inputs.detach().clone())  # (2, N + 1, d)
         table = _concat_normalized(inputs[0], inputs[1])  # (N + 1, 2d)
-        self.register_buffer("table_t", table.detach().t().contiguous())  # (2d, N + 1)
-        # -inf on the padding column, so it can never enter the top k (k <= N); an additive
-        # bias rather than an in-place write keeps the graph a plain MatMul + Add + TopK.
-        pad_bias = torch.zeros(inputs.shape[1])
-        pad_bias[0] = float("-inf")
+        # -inf on the padding column, and on the columns that fill the last block, so they can
+        # never enter the top k (k <= N); an additive bias rather than an in-place write keeps
+        # the graph a plain MatMul + Add + TopK.
+        columns = len(table) + (-len(table) % block if block else 0)
+        pad_bias = torch.full((columns,), float("-inf"))
+        pad_bias[1:len(table)] = 0.0
+        table = F.pad(table, (0, 0, 0, columns - len(table)))
+        self.register_buffer("table_t", table.detach().t().contiguous())  # (2d, columns)
         self.register_buffer("pad_bias", pad_bias)
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,8 +53,27 @@ class Scorer(nn.Module):
         lengths = (ids != 0).sum(-1).repeat(len(self.inputs))
         h = self.model.encode_last(x, lengths).view(len(self.inputs), ids.shape[0], -1)  # (2, B, d)
         user = _concat_normalized(h[0], h[1])  # (B, 2d)
-        scores, items = torch.topk(user @ self.table_t + self.pad_bias, self.k, dim=-1)
+        scores = user @ self.table_t + self.pad_bias
+        if self.block:
+            scores, items = block_topk(scores, self.k, self.block)
+        else:
+            scores, items = torch.topk(scores, self.k, dim=-1)
         return scores, items, user
+
+
+def block_topk(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(scores, k) (up to the order of ties) as two top-ks over far fewer values.
+
+    scores (B, N), N a multiple of `block`. The k best items lie in the k blocks of highest
+    maximum: a block outside those has a maximum no higher than each of theirs, so they hold k
+    items at least as good as any of its own. Stage 1: the top k of the N / block maxima;
+    stage 2: the top k of those blocks' k * block scores."""
+    b, n = scores.shape
+    blocks = scores.view(b, n // block, block)
+    chosen = torch.topk(blocks.amax(dim=-1), min(k, n // block), dim=-1).indices  # (B, k)
+    candidates = blocks.gather(1, chosen.unsqueeze(-1).expand(-1, -1, block))  # (B, k, block)
+    top, where = torch.topk(candidates.flatten(1), k, dim=-1)  # (B, k)
+    return top, chosen.gather(1, where // block) * block + where % block
 
 
 class ItemTower(nn.Module):

@@ -76,6 +76,24 @@ def test_scorer_never_returns_padding_and_is_padding_invariant(exported):
     np.testing.assert_array_equal(alone[0], items[0])
 
 
+@pytest.mark.parametrize("block", [7, 16])
+def test_two_stage_top_k_returns_the_same_items(exported, tiny_run, tmp_path, block):
+    """--topk-block: the same top K as one TopK over the catalogue, and never a padding column
+    (the 61 rows of the tiny catalogue are padded to 63 and 64 columns)."""
+    import onnxruntime as ort
+
+    out = tmp_path / "artifacts"
+    result = cli(tiny_run, "--out", out, "--top-k", 20, "--topk-block", block)
+    assert result.exit_code == 0, result.stderr
+    assert verify_artifacts(out)["topk_block"] == block
+    ids = np.random.default_rng(block).integers(0, 61, size=(300, 6))
+    ids[:, 0] = np.maximum(ids[:, 0], 1)
+    one, blocks = (ort.InferenceSession(str(d / "scorer.onnx")).run(None, {"ids": ids}) for d in (exported[0], out))
+    np.testing.assert_allclose(blocks[0], one[0], atol=1e-6)
+    np.testing.assert_array_equal(blocks[1], one[1])
+    assert ((blocks[1] >= 1) & (blocks[1] <= 60)).all()
+
+
 def test_triton_configs_parse_with_tritons_own_protobuf(exported):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -160,7 +178,7 @@ def test_parity_failure_exits_non_zero_and_writes_nothing(tiny_run, tmp_path, mo
     from export import parity
 
     specs = export_run.model_specs
-    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k: specs(ckpt, k)[:1])  # scorer only
+    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k, b: specs(ckpt, k, b)[:1])  # scorer only
     monkeypatch.setattr(parity, "FP32_MAX_ABS", -1.0)  # no model can pass
     out, triton = tmp_path / "artifacts", tmp_path / "triton"
     result = cli(tiny_run, "--out", out, "--triton", triton)
@@ -215,7 +233,7 @@ def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run,
     import export.run as export_run
 
     specs = export_run.model_specs
-    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k: specs(ckpt, k)[:1])  # scorer + extractors
+    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k, b: specs(ckpt, k, b)[:1])  # scorer + extractors
     out = tmp_path / "artifacts"
     manifest = export_run.export(extractor_run, out, fp16=True, top_k=20, triton_dir=tmp_path / "triton")
     verify_artifacts(out)

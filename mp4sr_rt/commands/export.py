@@ -19,11 +19,14 @@ def export(
     max_batch: int = typer.Option(4096, help="Largest batch for the TensorRT profile and Triton."),
     trt: bool = typer.Option(False, help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU)."),
     triton: Path | None = typer.Option(None, help="Also write a Triton model repository to this directory."),
+    topk_block: int = typer.Option(
+        0, help="Top k in two stages over blocks of this many items (0: one top k over the "
+                "catalogue). Exact; for GPUs, where one top k over a large catalogue is slow."),
 ) -> None:
     """Export the run's model to ONNX behind a parity gate; prints a JSON summary on stdout."""
     from export.run import export as run_export
 
-    manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton)
+    manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton, topk_block)
     out = out if out is not None else run_dir / "artifacts"
     print(json.dumps({"artifacts": str(out), "triton": str(triton) if triton else None,
                       "precision": manifest["precision"], "top_k": manifest["top_k"],
