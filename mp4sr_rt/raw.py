@@ -186,14 +186,13 @@ class RawEncoders:
         spec = self.image
         pairs = [(row, source) for row, sources in enumerate(images)
                  for source in _sources(sources, row)[:spec["max_images"]]]
-        pixels = [self._pixels(source) for _, source in pairs]
         vocabulary, words = self._word_vectors()
         described: list[list[str]] = [[] for _ in images]
-        for start in range(0, len(pairs), IMAGE_BATCH):
-            batch = np.stack(pixels[start:start + IMAGE_BATCH])
-            vectors = self.backend.embed("image_encoder", {"pixels": batch})
-            sentences = top_words(vectors, words, vocabulary, spec["words"])
-            for (row, _), sentence in zip(pairs[start:start + IMAGE_BATCH], sentences, strict=True):
+        for start in range(0, len(pairs), IMAGE_BATCH):  # decoded per batch: bounded memory
+            batch = pairs[start:start + IMAGE_BATCH]
+            pixels = np.stack([self._pixels(source) for _, source in batch])
+            vectors = self.backend.embed("image_encoder", {"pixels": pixels})
+            for (row, _), sentence in zip(batch, top_words(vectors, words, vocabulary, spec["words"]), strict=True):
                 described[row].append(sentence)
         return described
 
