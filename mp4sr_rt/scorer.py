@@ -15,7 +15,7 @@ Paths through the artifacts (docs/artifacts.md):
 - items added at serve time are scored as u . added_table and merged into the top k;
 - a history with no known item: the most popular items, flagged "popular".
 On the CPU every history is padded to a width that depends on its own length alone (the next
-multiple of 8, at most L), so its result never depends on the other histories of the batch, bit
+multiple of 4, at most L), so its result never depends on the other histories of the batch, bit
 for bit. A GPU picks kernels per batch size anyway (results agree to ~1e-6, not bit for bit), so
 there a batch is padded to L once and the catalogue is scanned once per call, not once per width.
 """
@@ -40,7 +40,7 @@ from mp4sr_rt.raw import RawEncoders
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 SCORE_BUDGET = 1 << 28  # score-matrix elements per model call (1 GiB in fp32), whatever N is
-WIDTH_STEP = 4  # histories are padded to a multiple of this: few distinct widths, little padding
+WIDTH_STEP = 4  # histories are padded to a multiple of this: little padding, few distinct widths
 FEATURES = ("text_feats", "text_mask", "image_feats", "image_mask")
 
 
