@@ -205,8 +205,10 @@ def test_bad_invocations_exit_2_with_one_clear_message(args, message, tiny_artif
 
 @pytest.mark.skipif(os.environ.get("MP4SR_OFFLINE") == "1",
                     reason="installs from the package index; MP4SR_OFFLINE=1 skips it")
-def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, tmp_path, item_ids):
-    """`pip install .[cpu]` in a fresh virtual environment: numpy, typer and onnxruntime only."""
+def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, extractor_artifacts, tiny_data_dir,
+                                                         tmp_path, item_ids):
+    """`pip install .[cpu]` in a fresh virtual environment (numpy, typer, tokenizers, Pillow and
+    onnxruntime; no torch) scores histories, and adds new items from raw text and images."""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
@@ -230,3 +232,14 @@ def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, tmp_pat
     assert done.returncode == 0, done.stderr
     [result] = json.loads(done.stdout)
     assert result["user"] == "alone" and len(result["items"]) == 10
+
+    image = next((tiny_data_dir / "images").glob("*.png"))
+    (tmp_path / "new.jsonl").write_text(json.dumps({"item_id": "fresh", "title": "A red tent.",
+                                                    "images": [str(image)]}) + "\n")
+    done = subprocess.run([str(venv / "bin" / "mp4sr-rt"), "score", "-", "--artifacts", str(extractor_artifacts),
+                           "--new-items", "new.jsonl", "-k", "100"], input='["fresh"]', capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)
+    assert result["unknown_items"] == [] and result["fallback"] is None and "fresh" not in result["items"]
+    assert "added 1 new items" in done.stderr
