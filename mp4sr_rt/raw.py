@@ -1,8 +1,8 @@
 """Raw item text and images -> the item tower's feature slots, without torch (docs/artifacts.md).
 
-    encoders = RawEncoders(artifacts_dir, manifest, backend)
-    feeds = encoders.features(texts=[["Red tent", "Sleeps four."]], images=[["tent.jpg"]])
-    # {"text_feats": (n, S, F), "text_mask": (n, S), "image_feats": (n, V, F), "image_mask": (n, V)}
+    encoders = RawEncoders(artifacts_dir, manifest, backend)          # Scorer.add_items does this
+    feeds = encoders.features(1, F, texts=[["Red tent", "Sleeps four."]], images=[["tent.jpg"]])
+    # {"text_feats": (1, S, F), "text_mask": (1, S), "image_feats": (1, V, F), "image_mask": (1, V)}
 
 The steps are those of `mp4sr-rt features` (train/features), as the manifest's `preprocessing`
 describes them: text fields -> sentences -> tokenizer -> text_encoder, one slot per sentence;
@@ -112,7 +112,7 @@ class RawEncoders:
         self._tokenizer = None
         self._words: tuple[list[str], np.ndarray] | None = None
 
-    def check(self, texts: bool, images: bool) -> None:
+    def _check(self, texts: bool, images: bool) -> None:
         missing = [role for role, wanted, present in (("text_encoder", texts or images, self.text),
                                                       ("image_encoder", images, self.image))
                    if wanted and present is None]
@@ -126,7 +126,7 @@ class RawEncoders:
                  images: Sequence[Sequence[str | Path | bytes]] | None) -> dict[str, np.ndarray]:
         """Item-tower inputs (feature size `dim`) for the modalities given, n items each; see the
         module docstring."""
-        self.check(texts is not None, images is not None)
+        self._check(texts is not None, images is not None)
         feeds = {}
         if texts is not None:
             rows = [split_sentences(_strings(fields, "texts", i), self.text["max_sentences"])

@@ -182,7 +182,8 @@ class M2SE(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last]
 
     def encode_last(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """What encode_sequence returns, computing the last layer at the last real position alone.
+        """What encode_sequence returns in eval mode, computing the last layer at the last real
+        position alone (inference only: no dropout).
 
         The serving path (export/wrappers.py): it reads one output row, so the last layer needs
         no queries, feed-forward or keys/values at the other positions. Its attention is

@@ -24,7 +24,7 @@ from mp4sr_rt.errors import UserError
 from mp4sr_rt.histories import HistoryRequest, InvalidEntry, parse_histories
 
 if TYPE_CHECKING:
-    from mp4sr_rt.scorer import Recommendation
+    from mp4sr_rt.scorer import Recommendation, Scorer
 
 MAX_LISTED = 5  # invalid entries named in the error message; the rest are counted
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
@@ -81,7 +81,7 @@ def score(
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 
-def add_new_items(scorer, path: Path) -> None:
+def add_new_items(scorer: Scorer, path: Path) -> None:
     """Add the items of an items.jsonl file through their raw text and images."""
     from mp4sr_rt.items import read_items
 
