@@ -392,23 +392,25 @@ def test_full_queue_raises_overloaded_and_recovers():
     batcher.close()
 
 
-def test_close_with_drain_finishes_every_pending_request():
+def closed_with_pending(drain: bool) -> tuple[MicroBatcher, list]:
+    """A batcher closed while its first request runs and 19 more wait: (batcher, futures)."""
     batcher, release, started = blocked_batcher(max_queue=100)
     futures = [batcher.submit(i) for i in range(20)]
     started.wait(5)
     threading.Timer(0.05, release.set).start()
-    batcher.close(drain=True)
+    batcher.close(drain=drain)
+    return batcher, futures
+
+
+def test_close_with_drain_finishes_every_pending_request():
+    batcher, futures = closed_with_pending(drain=True)
     assert [f.result(timeout=0) for f in futures] == [i * 10 for i in range(20)]
     with pytest.raises(BatcherClosed):
         batcher.submit(1)
 
 
 def test_close_without_drain_fails_pending_requests_never_drops_them():
-    batcher, release, started = blocked_batcher(max_queue=100)
-    futures = [batcher.submit(i) for i in range(20)]
-    started.wait(5)
-    threading.Timer(0.05, release.set).start()
-    batcher.close(drain=False)
+    _, futures = closed_with_pending(drain=False)
     assert futures[0].result(timeout=0) == 0  # already running: it finishes
     for f in futures[1:]:
         with pytest.raises(BatcherClosed):
