@@ -182,6 +182,7 @@ class TorchEager:
         self.device = device
         self.module = ScorerModule(ckpt.model, serving_inputs(ckpt), top_k).to(device).eval()
         self.forward = self.module if rewritten else self._model_forward
+        self.system = "torch-rewritten" if rewritten else "torch-eager"
         rows = max(1, SCORE_BUDGET // (len(ckpt.item_ids) + 1))
         self.chunk = 1 << (rows.bit_length() - 1)  # the runtime's chunk size
 
@@ -220,8 +221,7 @@ def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, a
 
 def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[dict], None]) -> None:
     for record in measure(lambda rows: reference(ids[rows]), len(ids), args):
-        system = "torch-rewritten" if reference.forward is reference.module else "torch-eager"
-        emit({"system": system, "device": reference.device, **record})
+        emit({"system": reference.system, "device": reference.device, **record})
 
 
 def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], args,

@@ -110,6 +110,7 @@ class RawEncoders:
         if self.image is None or "image_encoder" not in models:
             self.image = None
         self._tokenizer = None
+        self._pad_id = 0  # the tokenizer's [PAD] id, read with the tokenizer
         self._words: tuple[list[str], np.ndarray] | None = None
 
     def _check(self, texts: bool, images: bool) -> None:
