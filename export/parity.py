@@ -11,7 +11,9 @@ Each recommender model yields the same figures: `max_abs_diff` of its float outp
 top-10 / top-1 agreement of the rankings it produces (the scorer's items; the others' vectors
 ranked by dot product) with the reference's, averaged over `rows` histories. The feature
 extractors (text_encoder, image_encoder; always fp32) yield `max_abs_diff` over `rows` inputs
-against train.features' own encode functions.
+against train.features' own encode functions. A scorer with an int8 scan (export --int8-scan)
+adds `certified`, the share of histories whose top 10 its `bound` certifies; the other figures
+then cover those histories, as the runtime rescans the rest in full precision.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def top_items(scores: np.ndarray, top: int) -> np.ndarray:
 
 def agreement(ref: np.ndarray, got: np.ndarray, top: int) -> dict[str, float]:
     """Mean top-`top` set overlap and top-1 equality of two (rows, >= top) item rankings."""
+    if not len(ref):
+        return {f"top{TOP}_agreement": 0.0, "top1_agreement": 0.0}
     overlap = [len(set(r[:top]) & set(g[:top])) / top for r, g in zip(ref, got, strict=True)]
     return {f"top{TOP}_agreement": float(np.mean(overlap)),
             "top1_agreement": float(np.mean(ref[:, 0] == got[:, 0]))}
@@ -89,23 +93,28 @@ def reference_users(ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
 
 
 def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator) -> dict:
+    """With an int8 scan (a `bound` output), only the rows whose top 10 the bound certifies
+    are compared: the runtime rescans the others in full precision. `certified` is their share."""
     inputs = serving_inputs(ckpt)
     cands = candidates(inputs)
-    max_abs, pad_returned, ref_items, got_items = 0.0, False, [], []
+    top = min(TOP, k)
+    max_abs, pad_returned, ref_items, got_items, rows = 0.0, False, [], [], 0
     for ids in batches(rng, ckpt):
         with torch.no_grad():
             h = ckpt.model.encode_history(torch.as_tensor(ids), inputs)
             ref_scores, ref_top = torch.topk(score(h, cands), k)
             ref_user = user_vector(h).numpy()
         out = run({"ids": ids})
-        max_abs = max(max_abs, float(np.abs(out["scores"] - ref_scores.numpy()).max()),
-                      float(np.abs(out["user"] - ref_user).max()))
+        rows += len(ids)
+        certified = out["scores"][:, top - 1] >= out["bound"][:, 0] if "bound" in out else np.ones(len(ids), bool)
+        max_abs = max(max_abs, float(np.abs(out["user"] - ref_user).max()),
+                      float(np.abs(out["scores"][certified] - ref_scores.numpy()[certified]).max(initial=0.0)))
         pad_returned |= bool((out["items"] == 0).any())
-        ref_items.append(ref_top.numpy())
-        got_items.append(out["items"])
+        ref_items.append(ref_top.numpy()[certified])
+        got_items.append(out["items"][certified])
     ref, got = np.concatenate(ref_items), np.concatenate(got_items)
-    return {"rows": len(ref), "max_abs_diff": max_abs, **agreement(ref, got, min(TOP, k)),
-            "padding_returned": pad_returned}
+    figures = {"rows": rows, "max_abs_diff": max_abs, **agreement(ref, got, top), "padding_returned": pad_returned}
+    return figures | ({"certified": len(ref) / rows} if "bound" in out else {})
 
 
 def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
@@ -201,6 +210,10 @@ def gate(figures: dict, precisions: dict[str, str]) -> list[str]:
             top10 = f.get(f"top{TOP}_agreement", 1.0)
             if f.get("padding_returned"):
                 failures.append(f"{where}: returned the padding item")
+            if f.get("certified") == 0.0:
+                failures.append(f"{where}: the int8 scan's bound certified no history's top {TOP}; "
+                                "rescore more candidates (--int8-scan)")
+                continue
             if ranked and f["rows"] < MIN_ROWS:
                 failures.append(f"{where}: only {f['rows']} rows checked (< {MIN_ROWS})")
             if precision == "fp32" and (f["max_abs_diff"] > FP32_MAX_ABS or top10 < FP32_TOP10):

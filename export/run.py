@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from export import parity, tensorrt, triton
+from export.int8_scan import with_int8_scan
 from export.onnx import (
     OPSET,
     convert_fp16,
@@ -36,6 +38,7 @@ from export.onnx import (
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.manifest import MANIFEST, SCHEMA, file_sha256, hash_files
 from train.checkpoint import Checkpoint, load_checkpoint
+from train.model import serving_table
 
 EXTRACTORS = ("text_encoder", "image_encoder")
 
@@ -47,14 +50,17 @@ def log(msg: str) -> None:
 def export(
     run_dir: Path = Path("mp4sr-out"), out: Path | None = None, fp16: bool = False, top_k: int = 100,
     max_batch: int = 4096, trt: bool = False, triton_dir: Path | None = None, topk_block: int = 0,
+    int8_scan: int = 0,
 ) -> dict[str, Any]:
     """Export the run's checkpoint; returns the manifest. Raises UserError (nothing written) on failure."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "artifacts"
-    if top_k < 1 or max_batch < 1 or topk_block < 0:
-        raise UserError(f"--top-k and --max-batch must be >= 1 and --topk-block >= 0 "
-                        f"(got {top_k}, {max_batch} and {topk_block})")
+    if top_k < 1 or max_batch < 1 or topk_block < 0 or int8_scan < 0:
+        raise UserError(f"--top-k and --max-batch must be >= 1, --topk-block and --int8-scan >= 0 "
+                        f"(got {top_k}, {max_batch}, {topk_block} and {int8_scan})")
+    if topk_block and int8_scan:
+        raise UserError("--topk-block and --int8-scan are two ways to scan the catalogue: choose one")
     if trt:
         tensorrt.require()  # before any work: a clear message at once
     check_replaceable(out, is_ours=lambda d: (d / MANIFEST).is_file())
@@ -65,9 +71,12 @@ def export(
     k = min(top_k, len(ckpt.item_ids))
     if k < top_k:
         log(f"note: --top-k {top_k} > {len(ckpt.item_ids)} items; the scorer returns the top {k}")
+    if int8_scan and not k <= int8_scan < len(ckpt.item_ids):
+        raise UserError(f"--int8-scan {int8_scan}: the candidates must number at least the top k "
+                        f"({k}) and fewer than the {len(ckpt.item_ids)} items")
 
     with staging_dir(out) as staging:
-        manifest = write_artifacts(ckpt, run_dir, staging, fp16, k, max_batch, trt, topk_block)
+        manifest = write_artifacts(ckpt, run_dir, staging, fp16, k, max_batch, trt, topk_block, int8_scan)
         if triton_dir is not None:
             with staging_dir(triton_dir) as triton_staging:
                 names = triton.write_repository(staging, manifest, triton_staging, max_batch)
@@ -122,7 +131,7 @@ def publish(staging: Path, dest: Path) -> None:
 
 
 def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, k: int,
-                    max_batch: int, trt: bool, topk_block: int = 0) -> dict[str, Any]:
+                    max_batch: int, trt: bool, topk_block: int = 0, int8_scan: int = 0) -> dict[str, Any]:
     text, clip, vocabulary = load_extractors(ckpt)
     limits = {"history": ckpt.cfg.model.max_len} | ({"tokens": text.max_length} if text else {})
     specs = model_specs(ckpt, k, topk_block) + (encoder_specs(text, clip) if text else [])
@@ -136,6 +145,9 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
         export_onnx(spec, path, limits)
         if precision == "fp16":
             convert_fp16(path)
+        if spec.role == "scorer" and int8_scan:
+            log(f"export: {spec.file}: int8 catalogue scan, {int8_scan} candidates rescored")
+            add_int8_scan(path, ckpt, k, int8_scan, fp16)
         models[spec.role] = {"file": spec.file, "opset": OPSET, "precision": precision, **describe(path)}
     write_catalogue(ckpt, staging)
     preprocessing = write_extractor_files(text, clip, vocabulary, ckpt.meta["features"], staging) if text else None
@@ -150,12 +162,21 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
         raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
 
     manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt,
-                              topk_block)
+                              topk_block, int8_scan)
     if preprocessing:
         manifest["preprocessing"] = preprocessing
     manifest["files"] = hash_files(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def add_int8_scan(path: Path, ckpt: Checkpoint, k: int, candidates: int, fp16: bool) -> None:
+    """Rewrite the scorer at `path` to scan the catalogue in int8 (export/int8_scan.py); its
+    candidates are rescored against the table in the scorer's own precision."""
+    table = serving_table(serving_inputs(ckpt)).numpy()  # (N + 1, 2d), as the Scorer wrapper folds it
+    model = with_int8_scan(onnx.load(str(path)), table.astype(np.float16 if fp16 else np.float32), k, candidates)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def load_extractors(ckpt: Checkpoint) -> tuple[Any, Any, list[str] | None]:
@@ -266,7 +287,7 @@ def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str,
 
 
 def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict, precision: str,
-                   k: int, max_batch: int, trt: bool, topk_block: int = 0) -> dict[str, Any]:
+                   k: int, max_batch: int, trt: bool, topk_block: int = 0, int8_scan: int = 0) -> dict[str, Any]:
     features = ckpt.meta.get("features", {})
     return {
         "schema": SCHEMA,
@@ -280,6 +301,7 @@ def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict,
         "max_len": ckpt.cfg.model.max_len,
         "top_k": k,
         "topk_block": topk_block,
+        "int8_scan": int8_scan,
         "dim": 2 * ckpt.cfg.model.d,
         "num_items": len(ckpt.item_ids),
         "max_batch": max_batch,
@@ -318,4 +340,6 @@ def describe_figures(f: dict) -> str:
     text = f"max|diff| {f['max_abs_diff']:.1e}"
     if "top10_agreement" in f:
         text += f", top-10 {f['top10_agreement']:.4f}, top-1 {f['top1_agreement']:.4f}"
+    if "certified" in f:
+        text += f", int8 scan certified {f['certified']:.1%}"
     return text + f" ({f['rows']} rows)"

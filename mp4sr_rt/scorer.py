@@ -9,7 +9,8 @@
 
 Paths through the artifacts (docs/artifacts.md):
 - histories of trained items: scorer.onnx, the catalogue folded in, returns the top K and the
-  user vector u;
+  user vector u; with an int8 scan (export --int8-scan) also a bound on the scores of the items
+  it left out, and a history whose k-th score falls below it is ranked again on the host;
 - histories holding items added at serve time: history_encoder.onnx on the items' sequence-input
   vectors (item_inputs.npy rows, or the added rows) -> u, then u . table on the host;
 - items added at serve time are scored as u . added_table and merged into the top k;
@@ -99,6 +100,9 @@ class Scorer:
         budget = max(1, SCORE_BUDGET // (self.num_base + 1))
         budget = 1 << (budget.bit_length() - 1)  # a power of two: the GPU buckets' own sizes
         self.max_batch = min(max_batch or budget, self.backend.max_batch)
+        # Histories ranked on the host because the scorer's top K could not tell (a statistic:
+        # concurrent calls may miss a count).
+        self.rescans = 0
 
     def _read_vocabulary(self) -> tuple[list[ItemId], list[float]]:
         path = self.directory / self.manifest.get("vocabulary", "items.json")
@@ -167,18 +171,22 @@ class Scorer:
 
     def _score_base(self, histories: list[_History], width: int, k: int, exclude_seen: bool,
                     added: _Added) -> list[Recommendation]:
-        scores, items, users = self.backend.run(self._padded(histories, width))
-        return [self._from_top_k(h, s, it, u, k, exclude_seen, added)
-                for h, s, it, u in zip(histories, scores, items, users, strict=True)]
+        scores, items, users, bounds = self.backend.run(self._padded(histories, width))
+        if bounds is None:  # the exact scan: nothing outside the top K scores above its last
+            bounds = np.full((len(histories), 1), -np.inf, np.float32)
+        return [self._from_top_k(h, s, it, u, float(b[0]), k, exclude_seen, added)
+                for h, s, it, u, b in zip(histories, scores, items, users, bounds, strict=True)]
 
     def _from_top_k(self, h: _History, scores: np.ndarray, items: np.ndarray, user: np.ndarray,
-                    k: int, exclude_seen: bool, added: _Added) -> Recommendation:
+                    bound: float, k: int, exclude_seen: bool, added: _Added) -> Recommendation:
         seen = h.seen if exclude_seen else frozenset()
         pairs = zip(items.tolist(), scores.tolist(), strict=True)
         top = list(islice(((i, s) for i, s in pairs if i not in seen), k))
         # The graph's top K holds every trained item that can still make the top k unless
-        # exclusions left fewer than k of them: then rank the whole catalogue on the host.
-        if len(top) < k and self.top_k < self.num_base:
+        # exclusions left fewer than k of them, or (int8 scan) an item it left out may score
+        # above the k-th: then rank the whole catalogue on the host.
+        if (len(top) < k and self.top_k < self.num_base) or (top and top[-1][1] < bound):
+            self.rescans += 1
             return self._from_user(h, user, k, exclude_seen, added)
         return self._recommend(h, self._merge_added(top, user, seen, k, added))
 

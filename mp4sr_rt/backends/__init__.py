@@ -1,7 +1,7 @@
 """One `Backend` interface over the exported ONNX models, several implementations (STYLE 9).
 
     backend = open_backend("auto", artifacts_dir, manifest)   # "cpu" | "cuda" | "tensorrt"
-    scores, items, user = backend.run(ids)                    # ids int64 (B, L), right-padded
+    scores, items, user, bound = backend.run(ids)             # ids int64 (B, L), right-padded
 
 `auto` takes the fastest one that works here, in the order tensorrt, cuda, cpu, and logs its
 choice (and why the faster ones were passed over) on stderr.
@@ -35,9 +35,10 @@ class Backend(Protocol):
     # there one width per batch scans the catalogue once per call instead of once per width.
     exact_rows: bool
 
-    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """scorer.onnx: ids int64 (B, L) -> scores float32 (B, K), items int64 (B, K),
-        user float32 (B, 2d)."""
+        user float32 (B, 2d), and with an int8 scan (export --int8-scan) bound float32 (B, 1):
+        no item outside a row's top K scores above it (None without)."""
 
     def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """history_encoder.onnx: inputs float32 (B, L, 2d), lengths int64 (B,) -> user (B, 2d)."""

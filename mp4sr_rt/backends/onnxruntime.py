@@ -1,7 +1,7 @@
 """onnxruntime backends: CPU, and CUDA with device-resident I/O and CUDA graphs.
 
     backend = CpuBackend(artifacts_dir, manifest)
-    scores, items, user = backend.run(ids)            # ids int64 (B, L)
+    scores, items, user, bound = backend.run(ids)     # ids int64 (B, L); bound: None without an int8 scan
 
 The CUDA backend keeps, per shape bucket (batch rounded up to a power of two, times the history
 width), the ids input and every output on the GPU (IOBinding), so a call copies B x L ids in and
@@ -27,6 +27,7 @@ from mp4sr_rt.backends import MAX_BATCH, BackendUnavailable
 from mp4sr_rt.errors import ArtifactError
 
 SCORER_OUTPUTS = ("scores", "items", "user")
+BOUND = "bound"  # the scorer's fourth output with an int8 catalogue scan (export/int8_scan.py)
 ERRORS_ONLY = 3  # onnxruntime's log severity: keep its warnings off the user's terminal
 
 
@@ -70,9 +71,14 @@ class OrtBackend:
         except Exception as e:  # onnxruntime raises its own exception types, not exported stably
             raise ArtifactError(f"{path}: onnxruntime cannot load it ({e})") from None
 
-    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scores, items, user = self.session("scorer").run(list(SCORER_OUTPUTS), {"ids": ids})
-        return scores, items, user
+    def scorer_outputs(self) -> tuple[str, ...]:
+        """The scorer's output names: SCORER_OUTPUTS, then BOUND where the graph has it."""
+        names = {o["name"] for o in self.manifest["models"]["scorer"]["outputs"]}
+        return SCORER_OUTPUTS + ((BOUND,) if BOUND in names else ())
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        scores, items, user, *bound = self.session("scorer").run(list(self.scorer_outputs()), {"ids": ids})
+        return scores, items, user, (bound[0] if bound else None)
 
     def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         feeds = {"inputs": inputs, "lengths": lengths}
@@ -128,6 +134,9 @@ class CudaBackend(OrtBackend):
         cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
         super().__init__(directory, manifest, [cuda, "CPUExecutionProvider"])
         self.cuda_graph = False
+        if manifest.get("int8_scan"):
+            print(f"{self.name}: this scorer scans the catalogue in int8 (export --int8-scan), a CPU "
+                  "option whose GPU speed is not measured; export without it for a GPU", file=sys.stderr)
         self._scorer = self._open_scorer()
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._run_lock = threading.Lock()
@@ -158,7 +167,7 @@ class CudaBackend(OrtBackend):
                 "version than this onnxruntime build needs; see onnxruntime's message above)"
             )
 
-    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         try:
             return self._run_bound(ids)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -172,7 +181,7 @@ class CudaBackend(OrtBackend):
                 self._scorer = self._open_session("scorer", self.providers)
             return self._run_bound(ids)
 
-    def _run_bound(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run_bound(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         rows, width = ids.shape
         with self._run_lock:  # one run at a time: a bucket's buffers are shared
             bucket = self._bucket(min(_bucket_rows(rows), self.max_batch), width)
@@ -181,8 +190,8 @@ class CudaBackend(OrtBackend):
             bucket.ids.update_inplace(padded)
             self._scorer.run_with_iobinding(bucket.binding, bucket.run_options)
             outputs = bucket.binding.copy_outputs_to_cpu()
-        scores, items, user = (value[:rows] for value in outputs)
-        return scores, items, user
+        scores, items, user, *bound = (value[:rows] for value in outputs)
+        return scores, items, user, (bound[0] if bound else None)
 
     def _bucket(self, rows: int, length: int) -> _Bucket:
         key = (rows, length)
@@ -197,11 +206,13 @@ class CudaBackend(OrtBackend):
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
 
         ids = device((rows, length), np.int64)
-        outputs = (device((rows, k), np.float32), device((rows, k), np.int64),
-                   device((rows, dim), np.float32))
+        shapes = {"scores": ((rows, k), np.float32), "items": ((rows, k), np.int64),
+                  "user": ((rows, dim), np.float32), BOUND: ((rows, 1), np.float32)}
+        names = self.scorer_outputs()
+        outputs = tuple(device(*shapes[name]) for name in names)
         binding = self._scorer.io_binding()
         binding.bind_ortvalue_input("ids", ids)
-        for name, value in zip(SCORER_OUTPUTS, outputs, strict=True):
+        for name, value in zip(names, outputs, strict=True):
             binding.bind_ortvalue_output(name, value)
         run_options = ort.RunOptions()
         if self.cuda_graph:

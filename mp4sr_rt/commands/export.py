@@ -22,11 +22,16 @@ def export(
     topk_block: int = typer.Option(
         0, help="Top k in two stages over blocks of this many items (0: one top k over the "
                 "catalogue). Exact; for GPUs, where one top k over a large catalogue is slow."),
+    int8_scan: int = typer.Option(
+        0, metavar="CANDIDATES",
+        help="Scan the catalogue in int8 and rescore this many candidates in full precision "
+             "(0: off). For large catalogues on the CPU; the runtime rescans the rare history "
+             "whose top k the int8 error bound cannot certify."),
 ) -> None:
     """Export the run's model to ONNX behind a parity gate; prints a JSON summary on stdout."""
     from export.run import export as run_export
 
-    manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton, topk_block)
+    manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton, topk_block, int8_scan)
     out = out if out is not None else run_dir / "artifacts"
     print(json.dumps({"artifacts": str(out), "triton": str(triton) if triton else None,
                       "precision": manifest["precision"], "top_k": manifest["top_k"],
