@@ -16,7 +16,9 @@ Every system gets the same artifacts and the same histories (random, 1 to L item
 - torch-rewritten: the same, with the exported scorer's graph (the last layer at the last
   position alone, train/model.py encode_last): how much of the runtime's lead is that rewrite;
 - runtime-<backend>: Scorer.score end to end, original item ids in and out (k = 10, seen items
-  excluded);
+  excluded); with --int8-scan C also runtime-<backend>-int8, on artifacts exported with
+  `--int8-scan C` (int8 catalogue scan, C candidates rescored; its record gives `rescanned`,
+  the share of histories the bound sent back to the host's full-precision scan);
 - direct-<backend> / batcher-<backend>: --clients threads each sending one history at a time,
   straight to Scorer.score or through the MicroBatcher.
 Batch 1 gives latency p50/p99; larger batches give throughput (histories per second). Results:
@@ -76,11 +78,11 @@ def main() -> None:
 
         for size in args.sizes:
             try:
-                name, artifacts, ckpt = catalogue(size, base, args)
+                name, variants, ckpt = catalogue(size, base, args)
             except UserError as e:  # e.g. an fp16 export refused by the parity gate
                 emit({"catalogue": size, "system": "export", "skipped": str(e)})
                 continue
-            bench_catalogue(name, artifacts, ckpt, device, args, emit)
+            bench_catalogue(name, variants, ckpt, device, args, emit)
     print(table(records))
     plot(records, args.out / "serving.png")
     print(f"wrote {args.out / 'serving.jsonl'} and {args.out / 'serving.png'}", file=sys.stderr)
@@ -107,6 +109,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="export fp16 artifacts (fp16 item table)")
     p.add_argument("--topk-block", type=int, default=0,
                    help="export the scorer with a two-stage top k over blocks of this many items")
+    p.add_argument("--int8-scan", type=int, default=0, metavar="C",
+                   help="also time artifacts exported with --int8-scan C (C < the smallest catalogue)")
     p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",
                    help="exported catalogues, reused by later runs with the same settings")
     p.add_argument("--out", type=Path, default=ROOT / "mp4sr-out" / "bench")
@@ -127,8 +131,9 @@ def base_checkpoint(run: Path) -> Checkpoint | None:
     return None
 
 
-def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, Path, Checkpoint]:
-    """(name, artifact directory, checkpoint) of one catalogue, exported once into --work."""
+def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, dict[str, Path], Checkpoint]:
+    """(name, artifact directories by system suffix, checkpoint) of one catalogue, exported once
+    into --work: "" the plain export, "-int8" the --int8-scan one."""
     precision = ("fp16" if args.fp16 else "fp32") + (f"-block{args.topk_block}" if args.topk_block else "")
     if size == "demo" and base is not None:
         run, name = args.run, "demo"
@@ -141,12 +146,16 @@ def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, Path, Chec
         if not (run / "checkpoint" / "config.json").is_file():
             save_checkpoint(run / "checkpoint", synthetic(base, items))
         work = run / precision
-    artifacts = work / "artifacts"
-    if not (artifacts / MANIFEST).is_file():
-        t0 = time.perf_counter()
-        export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block)
-        print(f"{name}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return name, artifacts, load_checkpoint(run / "checkpoint")
+    variants = {"": work / "artifacts"}
+    if args.int8_scan:
+        variants["-int8"] = work.with_name(f"{work.name}-int8-{args.int8_scan}") / "artifacts"
+    for suffix, artifacts in variants.items():
+        if not (artifacts / MANIFEST).is_file():
+            t0 = time.perf_counter()
+            export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block,
+                   int8_scan=args.int8_scan if suffix else 0)
+            print(f"{name}{suffix}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return name, variants, load_checkpoint(run / "checkpoint")
 
 
 def label(items: int) -> str:
@@ -201,9 +210,9 @@ class TorchEager:
                 scores.cpu(), items.cpu()  # what a service returns; also waits for the GPU
 
 
-def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, args,
+def bench_catalogue(name: str, variants: dict[str, Path], ckpt: Checkpoint, device: str, args,
                     emit: Callable[[dict], None]) -> None:
-    manifest = json.loads((artifacts / MANIFEST).read_text())
+    manifest = json.loads((variants[""] / MANIFEST).read_text())
     histories = make_histories(ckpt.item_ids, manifest["max_len"], max(args.batches))
     index = {item: i + 1 for i, item in enumerate(ckpt.item_ids)}
     ids = np.zeros((len(histories), manifest["max_len"]), dtype=np.int64)
@@ -215,8 +224,10 @@ def bench_catalogue(name: str, artifacts: Path, ckpt: Checkpoint, device: str, a
     for rewritten in (False, True):
         reference = TorchEager(ckpt, device, manifest["top_k"], rewritten)
         bench_torch(reference, ids, args, lambda r: emit({**common, **r}))
-    for backend in args.backends:
-        bench_runtime(artifacts, backend, histories, args, lambda r: emit({**common, **r}))
+    for suffix, artifacts in variants.items():
+        labels = {**common, "int8_scan": json.loads((artifacts / MANIFEST).read_text()).get("int8_scan", 0)}
+        for backend in args.backends:
+            bench_runtime(artifacts, backend, histories, args, suffix, lambda r, at=labels: emit({**at, **r}))
 
 
 def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[dict], None]) -> None:
@@ -224,18 +235,20 @@ def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[di
         emit({"system": reference.system, "device": reference.device, **record})
 
 
-def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], args,
+def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], args, suffix: str,
                   emit: Callable[[dict], None]) -> None:
     try:
         scorer = Scorer(artifacts, backend=backend, threads=args.threads)
     except BackendUnavailable as e:
-        emit({"system": f"runtime-{backend}", "skipped": str(e)})
+        emit({"system": f"runtime-{backend}{suffix}", "skipped": str(e)})
         return
     device = scorer.backend.description
+    scorer.score(histories, k=K)  # the share of histories the host ranked again (int8 scan)
+    rescanned = {"rescanned": round(scorer.rescans / len(histories), 4)}
     for record in measure(lambda rows: scorer.score([histories[i] for i in rows], k=K), len(histories), args):
-        emit({"system": f"runtime-{backend}", "device": device, **record})
+        emit({"system": f"runtime-{backend}{suffix}", "device": device, **rescanned, **record})
     for mode in ("direct", "batcher"):
-        emit({"system": f"{mode}-{backend}", "device": device, **clients(scorer, histories, mode, args)})
+        emit({"system": f"{mode}-{backend}{suffix}", "device": device, **clients(scorer, histories, mode, args)})
 
 
 def make_histories(item_ids: list[str], max_len: int, count: int) -> list[list[str]]:

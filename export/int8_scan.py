@@ -13,7 +13,8 @@ memory bandwidth: int8 codes are a quarter of the fp32 bytes. The rewritten scor
 3. returns `bound` (batch, 1): no item outside `items` scores above it. With u~, x~ the
    dequantised vectors, approx - exact = (u~ - u) . x~ + u . (x~ - x), so by Cauchy-Schwarz
    |approx_n - exact_n| <= |u~ - u| max|x~| + |u| max|x~ - x| = error, and an item that is not
-   a candidate has exact <= approx + error <= approx_C + error = bound.
+   a candidate has exact <= approx + error <= approx_C + error; a candidate outside the top K
+   scores at most the K-th score. bound = max(approx_C + error, K-th score).
 
 A caller's top k (after its own exclusions) is exact, up to ties, when its k-th score is at
 least `bound`; otherwise it rescans that history in full precision (the runtime does:
@@ -119,8 +120,11 @@ def with_int8_scan(model: onnx.ModelProto, table: np.ndarray, k: int, candidates
                               "e_table")], "error")  # (B, 1)
     c_th = node("Slice", [top_ranked, const("c_1", np.array([candidates - 1], np.int64)),
                           const("c", np.array([candidates], np.int64)), last], "ranked_c")
+    # Candidates that missed the top K score at most its K-th score.
+    kth = node("Slice", [top, const("k_1", np.array([k - 1], np.int64)), kk, last], "kth")
+    beyond = node("Add", [node("Mul", [c_th, s_u], "approx_c"), error], "beyond")  # (B, 1)
     nodes += [
-        helper.make_node("Add", [node("Mul", [c_th, s_u], "approx_c"), error], ["bound"], name="int8_scan/bound"),
+        helper.make_node("Max", [beyond, kth], ["bound"], name="int8_scan/bound"),
         helper.make_node("Identity", [top], ["scores"], name="int8_scan/scores"),
         helper.make_node("Add", [picked, const("one", np.array(1, np.int64))], ["items"],
                          name="int8_scan/items"),  # row j - 1 -> item j

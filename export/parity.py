@@ -93,8 +93,8 @@ def reference_users(ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
 
 
 def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator) -> dict:
-    """With an int8 scan (a `bound` output), only the rows whose top 10 the bound certifies
-    are compared: the runtime rescans the others in full precision. `certified` is their share."""
+    """With an int8 scan (a `bound` output), only the top 10 of the rows where the bound certifies
+    it is compared: the runtime rescans the others in full precision. `certified` is their share."""
     inputs = serving_inputs(ckpt)
     cands = candidates(inputs)
     top = min(TOP, k)
@@ -106,9 +106,11 @@ def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator
             ref_user = user_vector(h).numpy()
         out = run({"ids": ids})
         rows += len(ids)
-        certified = out["scores"][:, top - 1] >= out["bound"][:, 0] if "bound" in out else np.ones(len(ids), bool)
-        max_abs = max(max_abs, float(np.abs(out["user"] - ref_user).max()),
-                      float(np.abs(out["scores"][certified] - ref_scores.numpy()[certified]).max(initial=0.0)))
+        certified, columns = np.ones(len(ids), bool), k
+        if "bound" in out:
+            certified, columns = out["scores"][:, top - 1] >= out["bound"][:, 0], top
+        diff = np.abs(out["scores"][certified, :columns] - ref_scores.numpy()[certified, :columns])
+        max_abs = max(max_abs, float(np.abs(out["user"] - ref_user).max()), float(diff.max(initial=0.0)))
         pad_returned |= bool((out["items"] == 0).any())
         ref_items.append(ref_top.numpy()[certified])
         got_items.append(out["items"][certified])

@@ -94,6 +94,86 @@ def test_two_stage_top_k_returns_the_same_items(exported, tiny_run, tmp_path, bl
     assert ((blocks[1] >= 1) & (blocks[1] <= 60)).all()
 
 
+def scan_graph(table: np.ndarray, k: int):
+    """A scorer-shaped graph over `table` (users fed directly as `ids`' stand-in `u`): MatMul +
+    TopK, outputs scores, items, user, as the exported scorer's."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    pad = np.zeros(len(table), np.float32)
+    pad[0] = -np.inf
+    dim = table.shape[1]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["u"], ["user"]), helper.make_node("MatMul", ["user", "t"], ["s"]),
+         helper.make_node("Add", ["s", "pad"], ["s2"]), helper.make_node("TopK", ["s2", "k"], ["scores", "items"])],
+        "scorer", [helper.make_tensor_value_info("u", T.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("scores", T.FLOAT, ["batch", k]),
+         helper.make_tensor_value_info("items", T.INT64, ["batch", k]),
+         helper.make_tensor_value_info("user", T.FLOAT, ["batch", dim])],
+        [numpy_helper.from_array(np.ascontiguousarray(table.T), "t"), numpy_helper.from_array(pad, "pad"),
+         numpy_helper.from_array(np.array([k], np.int64), "k")])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("candidates", [10, 40, 400])
+def test_int8_scan_bounds_every_item_it_leaves_out(candidates):
+    """export/int8_scan.py: no item outside a row's top K scores above its `bound` (checked
+    against float64 scores of the whole table), the top K of a row whose K-th score reaches the
+    bound is the exact top K, every row is independent of the batch, and the codes fit 7 bits."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.int8_scan import quantize_rows, with_int8_scan
+
+    rng = np.random.default_rng(candidates)
+    n, dim, k = 3000, 16, 10
+    table = rng.standard_normal((n + 1, dim)).astype(np.float32)
+    table[1:] /= np.linalg.norm(table[1:], axis=1, keepdims=True) * rng.uniform(0.5, 2.0, (n, 1))
+    table[0] = 0.0
+    model = with_int8_scan(scan_graph(table, k), table, k, candidates)
+    onnx.checker.check_model(model, full_check=True)
+    assert {i.name for i in model.graph.initializer} >= {"int8_scan/codes_t"}
+    assert "t" not in {i.name for i in model.graph.initializer}, "the fp32 scan was not pruned"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    users = rng.standard_normal((400, dim)).astype(np.float32)
+    users[200:] = table[rng.integers(1, n + 1, 200)] + 0.1 * users[200:]  # close to some items
+    scores, items, _, bound = session.run(None, {"u": users})
+    exact = users.astype(np.float64) @ table[1:].T.astype(np.float64)  # item j is column j - 1
+    for row in range(len(users)):
+        left_out = np.delete(exact[row], items[row] - 1)
+        assert left_out.max() <= bound[row, 0], (row, left_out.max(), bound[row, 0])
+    certified = scores[:, k - 1] >= bound[:, 0]
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :k] + 1
+    np.testing.assert_array_equal(items[certified], best[certified])
+    np.testing.assert_allclose(scores[certified], np.take_along_axis(exact, best - 1, 1)[certified], atol=1e-5)
+    if candidates >= 400:
+        assert certified.all()
+    alone = np.concatenate([session.run(None, {"u": users[i:i + 1]})[0] for i in range(20)])
+    np.testing.assert_array_equal(alone, scores[:20])
+    codes, _ = quantize_rows(table)
+    assert np.abs(codes.astype(int)).max() == 63
+
+
+def test_int8_scan_export(exported, tiny_run, tmp_path):
+    """--int8-scan: a `bound` output, the manifest key and the certified share; bad counts, the
+    combination with --topk-block and a scan that certifies nothing (candidates = K) fail cleanly."""
+    out = tmp_path / "artifacts"
+    result = cli(tiny_run, "--out", out, "--top-k", 10, "--int8-scan", 30)
+    assert result.exit_code == 0, result.stderr
+    manifest = verify_artifacts(out)
+    assert manifest["int8_scan"] == 30 and exported[2]["int8_scan"] == 0
+    assert manifest["models"]["scorer"]["outputs"][3] == {"name": "bound", "dtype": "float32", "shape": ["batch", 1]}
+    figures = manifest["parity"]["scorer"]["onnxruntime"]
+    assert 0.0 < figures["certified"] <= 1.0 and figures["top10_agreement"] == 1.0
+    for args, message in (((5,), "at least the top k (10)"), ((60,), "fewer than the 60 items"),
+                          ((20, "--topk-block", 8), "choose one"), ((10,), "certified no history")):
+        bad = tmp_path / f"bad-{args[0]}"
+        result = cli(tiny_run, "--out", bad, "--top-k", 10, "--int8-scan", *args)
+        assert result.exit_code == 2
+        assert_clean_failure(result, bad, message)
+
+
 def test_triton_configs_parse_with_tritons_own_protobuf(exported):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -209,7 +289,7 @@ def ort_headers() -> Path | None:
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
 @pytest.mark.skipif(ort_headers() is None,
                     reason="no onnxruntime C/C++ headers: run examples/cpp/fetch_ort_headers.sh")
-def test_cpp_example_scores_like_python(exported, tmp_path):
+def test_cpp_example_scores_like_python(exported, tiny_run, tmp_path):
     import onnxruntime as ort
 
     out, _, manifest = exported
@@ -225,6 +305,23 @@ def test_cpp_example_scores_like_python(exported, tmp_path):
     scores, items, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
     assert [item for item, _ in got] == [vocabulary[i - 1] for i in items[0, :10]]
     np.testing.assert_allclose([float(s) for _, s in got], scores[0, :10], rtol=1e-5)
+
+    # An int8 scan with few candidates, so that its bound certifies some top 10s and not others:
+    # exit status 3 exactly where it does not; where it does, the fp32 scorer's output.
+    int8 = tmp_path / "int8"
+    assert cli(tiny_run, "--out", int8, "--top-k", 10, "--int8-scan", 15).exit_code == 0
+    histories = np.random.default_rng(0).integers(1, len(vocabulary) + 1, size=(200, 3))
+    scores, _, _, bound = ort.InferenceSession(str(int8 / "scorer.onnx")).run(None, {"ids": histories})
+    certified = scores[:, 9] >= bound[:, 0]
+    fp32 = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": histories})[1]
+    for row in (np.argmax(certified), np.argmin(certified)):
+        history = [vocabulary[i - 1] for i in histories[row]]
+        run = subprocess.run([tmp_path / "score", int8, *history], capture_output=True, text=True)
+        assert run.returncode == (0 if certified[row] else 3), run.stderr
+        assert certified[row] or "not certified" in run.stderr
+        if certified[row]:
+            assert [line.split("\t")[0] for line in run.stdout.splitlines()] == [vocabulary[i - 1] for i in fp32[row, :10]]
+    assert certified.any() and not certified.all(), certified.mean()
 
 
 def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run, tmp_path, monkeypatch):

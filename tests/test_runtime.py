@@ -185,6 +185,34 @@ def test_results_do_not_depend_on_the_batch(scorer, item_ids, step, monkeypatch)
     assert scorer.score(histories[::-1], k=7) == batched[::-1]
 
 
+@pytest.fixture(scope="module")
+def int8_scorer(tiny_run, tmp_path_factory) -> Scorer:
+    """The tiny run exported with --int8-scan at its smallest (candidates = top K = 20), so
+    that the bound often cannot certify a top k and the host path runs too."""
+    from export.run import export
+
+    out = tmp_path_factory.mktemp("int8") / "artifacts"
+    export(tiny_run, out, top_k=20, int8_scan=20)
+    return Scorer(out, backend="cpu")
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_int8_scan_gives_the_exact_results(scorer, int8_scorer, item_ids, exclude_seen):
+    """Certified histories and rescanned ones alike: the fp32 artifacts' items, and scores within
+    float rounding; results independent of the batch."""
+    histories = random_histories(item_ids, 150, seed=5)
+    int8_scorer.rescans = 0
+    for k in (1, 5, 10, 20):
+        got, want = (s.score(histories, k=k, exclude_seen=exclude_seen) for s in (int8_scorer, scorer))
+        for g, w in zip(got, want, strict=True):
+            assert (g.items, g.unknown_items, g.fallback) == (w.items, w.unknown_items, w.fallback)
+            np.testing.assert_allclose(g.scores, w.scores, atol=1e-5)
+    scored = 4 * sum(1 for h in histories if set(h) & set(item_ids))
+    assert 0 < int8_scorer.rescans < scored, "both paths must run"
+    assert [int8_scorer.score([h], k=7, exclude_seen=exclude_seen)[0] for h in histories[:40]] == \
+        int8_scorer.score(histories[:40], k=7, exclude_seen=exclude_seen)
+
+
 def test_long_history_keeps_its_last_l_items(scorer, item_ids):
     max_len = scorer.max_len
     long = item_ids[: max_len + 5]

@@ -3,6 +3,7 @@
 //   score ARTIFACT_DIR ITEM_ID [ITEM_ID ...]     (the history, oldest first, original item ids)
 //
 // Prints the top 10 (at most the manifest's top_k) as "item_id<TAB>score" lines, best first.
+// Exit status 3: the scorer scans in int8 and its bound cannot certify these 10 (see below).
 // Everything comes from the artifact directory's manifest.json (docs/artifacts.md): the scorer
 // file, its input and output names, max_len, the vocabulary file. The small JSON reader below
 // covers what manifest.json and items.json use; a real service would use its JSON library and
@@ -199,13 +200,18 @@ int main(int argc, char** argv) try {
   Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   Ort::Value input = Ort::Value::CreateTensor<int64_t>(memory, ids.data(), ids.size(), shape, 2);
 
-  // Manifest order: input ids; outputs scores, items, user (only the first two are used here).
+  // Manifest order: input ids; outputs scores, items, user, and with an int8 catalogue scan
+  // (export --int8-scan) bound: no item left out of the top K scores above it.
+  const std::vector<Json>& outputs = scorer["outputs"].array;
+  const bool has_bound = outputs.size() > 3 && outputs[3]["name"].string == "bound";
   const std::string input_name = scorer["inputs"].array.at(0)["name"].string;
-  const std::string scores_name = scorer["outputs"].array.at(0)["name"].string;
-  const std::string items_name = scorer["outputs"].array.at(1)["name"].string;
+  std::vector<std::string> names = {outputs.at(0)["name"].string, outputs.at(1)["name"].string};
+  if (has_bound) names.push_back(outputs[3]["name"].string);
   const char* input_names[] = {input_name.c_str()};
-  const char* output_names[] = {scores_name.c_str(), items_name.c_str()};
-  std::vector<Ort::Value> out = session.Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names, 2);
+  std::vector<const char*> output_names;
+  for (const std::string& name : names) output_names.push_back(name.c_str());
+  std::vector<Ort::Value> out = session.Run(Ort::RunOptions{nullptr}, input_names, &input, 1,
+                                            output_names.data(), output_names.size());
 
   const float* scores = out[0].GetTensorData<float>();
   const int64_t* top = out[1].GetTensorData<int64_t>();
@@ -213,6 +219,13 @@ int main(int argc, char** argv) try {
   std::cout.precision(7);
   for (int64_t r = 0; r < k; ++r) {
     std::cout << items.at(static_cast<size_t>(top[r] - 1)).string << '\t' << scores[r] << '\n';
+  }
+  // The top k is exact when its k-th score reaches the bound; otherwise an item the int8 scan
+  // left out may belong in it, and a service ranks this history again in full precision
+  // (user output . the table rebuilt from item_inputs.npy, docs/artifacts.md).
+  if (has_bound && scores[k - 1] < out[2].GetTensorData<float>()[0]) {
+    std::cerr << "not certified: rank this history again in full precision\n";
+    return 3;
   }
   return 0;
 } catch (const std::exception& e) {
