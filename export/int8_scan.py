@@ -81,8 +81,9 @@ def with_int8_scan(model: onnx.ModelProto, table: np.ndarray, k: int, candidates
 
     nodes: list[onnx.NodeProto] = []
 
-    def node(op: str, inputs: list[str], name: str, outputs: int = 1, **attrs) -> str:
-        out = [f"int8_scan/{name}"] + [f"int8_scan/{name}:{i}" for i in range(1, outputs)]
+    def node(op: str, inputs: list[str], name: str, count: int = 1, **attrs) -> str:
+        """Appends one node; returns its first output's name (the others: NAME:1, ...)."""
+        out = [f"int8_scan/{name}"] + [f"int8_scan/{name}:{i}" for i in range(1, count)]
         nodes.append(helper.make_node(op, inputs, out, name=out[0], **attrs))
         return out[0]
 
@@ -100,7 +101,7 @@ def with_int8_scan(model: onnx.ModelProto, table: np.ndarray, k: int, candidates
     ranked = node("Mul", [node("Cast", [dot], "dot_f", to=TensorProto.FLOAT), const("scales", scales)], "ranked")
     # 2. The C best, rescored in full precision.
     top_ranked = node("TopK", [ranked, const("candidates", np.array([candidates], np.int64))],
-                      "top_ranked", outputs=2, axis=-1)
+                      "top_ranked", count=2, axis=-1)
     cand = f"{top_ranked}:1"  # (B, C) row indices
     rows = node("Gather", [const("table", rows_table), cand], "rows", axis=0)  # (B, C, 2d)
     if rows_table.dtype != np.float32:
@@ -108,9 +109,9 @@ def with_int8_scan(model: onnx.ModelProto, table: np.ndarray, k: int, candidates
     user_col = node("Unsqueeze", ["user", last], "user_col")  # (B, 2d, 1)
     rescored = node("Squeeze", [node("MatMul", [rows, user_col], "rescored_col"), last], "rescored")  # (B, C)
     kk = const("k", np.array([k], np.int64))
-    top = node("TopK", [rescored, kk], "top", outputs=2, axis=-1)
+    top = node("TopK", [rescored, kk], "top", count=2, axis=-1)
     picked = node("GatherElements", [cand, f"{top}:1"], "picked", axis=1)
-    # 3. The bound: no item left out scores above approx_C + error.
+    # 3. The bound: no non-candidate scores above approx_C + error.
     dequant = node("Mul", [node("Sub", [node("Cast", [q_u], "q_u_f", to=TensorProto.FLOAT),
                                         const("zero_f2", np.float32(128))], "q_u_centred"), s_u], "user_q")
     user_error = node("ReduceL2", [node("Sub", [dequant, "user"], "user_diff"), last], "user_error", keepdims=1)

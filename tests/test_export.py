@@ -158,6 +158,8 @@ def test_int8_scan_bounds_every_item_it_leaves_out(candidates):
 def test_int8_scan_export(exported, tiny_run, tmp_path):
     """--int8-scan: a `bound` output, the manifest key and the certified share; bad counts, the
     combination with --topk-block and a scan that certifies nothing (candidates = K) fail cleanly."""
+    import onnx
+
     out = tmp_path / "artifacts"
     result = cli(tiny_run, "--out", out, "--top-k", 10, "--int8-scan", 30)
     assert result.exit_code == 0, result.stderr
@@ -166,6 +168,10 @@ def test_int8_scan_export(exported, tiny_run, tmp_path):
     assert manifest["models"]["scorer"]["outputs"][3] == {"name": "bound", "dtype": "float32", "shape": ["batch", 1]}
     figures = manifest["parity"]["scorer"]["onnxruntime"]
     assert 0.0 < figures["certified"] <= 1.0 and figures["top10_agreement"] == 1.0
+    half = tmp_path / "fp16"
+    assert cli(tiny_run, "--out", half, "--top-k", 10, "--int8-scan", 30, "--fp16").exit_code == 0
+    tables = [t for t in onnx.load(str(half / "scorer.onnx")).graph.initializer if t.name == "int8_scan/table"]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.FLOAT16]  # rescored in the scorer's precision
     for args, message in (((5,), "at least the top k (10)"), ((60,), "fewer than the 60 items"),
                           ((20, "--topk-block", 8), "choose one"), ((10,), "certified no history")):
         bad = tmp_path / f"bad-{args[0]}"
@@ -320,7 +326,8 @@ def test_cpp_example_scores_like_python(exported, tiny_run, tmp_path):
         assert run.returncode == (0 if certified[row] else 3), run.stderr
         assert certified[row] or "not certified" in run.stderr
         if certified[row]:
-            assert [line.split("\t")[0] for line in run.stdout.splitlines()] == [vocabulary[i - 1] for i in fp32[row, :10]]
+            printed = [line.split("\t")[0] for line in run.stdout.splitlines()]
+            assert printed == [vocabulary[i - 1] for i in fp32[row, :10]]
     assert certified.any() and not certified.all(), certified.mean()
 
 
