@@ -41,6 +41,7 @@ from train.checkpoint import Checkpoint, load_checkpoint
 from train.model import serving_table
 
 EXTRACTORS = ("text_encoder", "image_encoder")
+CERTIFIED_NOTE = 0.95  # an int8 scan certifying fewer histories than this gets a note
 
 
 def log(msg: str) -> None:
@@ -160,6 +161,10 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
     failures = parity.gate(figures, {role: m["precision"] for role, m in models.items()})
     if failures:
         raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
+    certified = figures["scorer"]["onnxruntime"].get("certified", 1.0)
+    if certified < CERTIFIED_NOTE:
+        log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
+            f"runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
     manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt,
                               topk_block, int8_scan)
