@@ -164,7 +164,7 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
     certified = figures["scorer"]["onnxruntime"].get("certified", 1.0)
     if certified < CERTIFIED_NOTE:
         log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
-            f"runtime ranks the others again in full precision, which is slower: raise --int8-scan")
+            "runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
     manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt,
                               topk_block, int8_scan)
