@@ -225,7 +225,7 @@ def bench_catalogue(name: str, variants: dict[str, Path], ckpt: Checkpoint, devi
         reference = TorchEager(ckpt, device, manifest["top_k"], rewritten)
         bench_torch(reference, ids, args, lambda r: emit({**common, **r}))
     for suffix, artifacts in variants.items():
-        labels = {**common, "int8_scan": json.loads((artifacts / MANIFEST).read_text()).get("int8_scan", 0)}
+        labels = {**common, "int8_scan": args.int8_scan if suffix else 0}
         for backend in args.backends:
             bench_runtime(artifacts, backend, histories, args, suffix, lambda r, at=labels: emit({**at, **r}))
 
@@ -243,9 +243,17 @@ def bench_runtime(artifacts: Path, backend: str, histories: list[list[str]], arg
         emit({"system": f"runtime-{backend}{suffix}", "skipped": str(e)})
         return
     device = scorer.backend.description
-    scorer.score(histories, k=K)  # the share of histories the host ranked again (int8 scan)
-    rescanned = {"rescanned": round(scorer.rescans / len(histories), 4)}
-    for record in measure(lambda rows: scorer.score([histories[i] for i in rows], k=K), len(histories), args):
+    scored = 0
+
+    def run(rows: range) -> None:
+        nonlocal scored
+        scored += len(rows)
+        scorer.score([histories[i] for i in rows], k=K)
+
+    records = measure(run, len(histories), args)
+    # The share of the scored histories the host ranked again (int8 scan), over all the calls.
+    rescanned = {"rescanned": round(scorer.rescans / scored, 4)}
+    for record in records:
         emit({"system": f"runtime-{backend}{suffix}", "device": device, **rescanned, **record})
     for mode in ("direct", "batcher"):
         emit({"system": f"{mode}-{backend}{suffix}", "device": device, **clients(scorer, histories, mode, args)})

@@ -46,6 +46,9 @@ class OrtBackend:
         self.max_batch = min(MAX_BATCH, manifest.get("max_batch", MAX_BATCH))
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
+        # The scorer's outputs: SCORER_OUTPUTS, then BOUND where the graph has it (int8 scan).
+        names = {o["name"] for o in manifest["models"]["scorer"]["outputs"]}
+        self.scorer_outputs = [*SCORER_OUTPUTS, *([BOUND] if BOUND in names else [])]
 
     @property
     def description(self) -> str:
@@ -71,13 +74,8 @@ class OrtBackend:
         except Exception as e:  # onnxruntime raises its own exception types, not exported stably
             raise ArtifactError(f"{path}: onnxruntime cannot load it ({e})") from None
 
-    def scorer_outputs(self) -> tuple[str, ...]:
-        """The scorer's output names: SCORER_OUTPUTS, then BOUND where the graph has it."""
-        names = {o["name"] for o in self.manifest["models"]["scorer"]["outputs"]}
-        return SCORER_OUTPUTS + ((BOUND,) if BOUND in names else ())
-
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        scores, items, user, *bound = self.session("scorer").run(list(self.scorer_outputs()), {"ids": ids})
+        scores, items, user, *bound = self.session("scorer").run(self.scorer_outputs, {"ids": ids})
         return scores, items, user, (bound[0] if bound else None)
 
     def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -208,11 +206,10 @@ class CudaBackend(OrtBackend):
         ids = device((rows, length), np.int64)
         shapes = {"scores": ((rows, k), np.float32), "items": ((rows, k), np.int64),
                   "user": ((rows, dim), np.float32), BOUND: ((rows, 1), np.float32)}
-        names = self.scorer_outputs()
-        outputs = tuple(device(*shapes[name]) for name in names)
+        outputs = tuple(device(*shapes[name]) for name in self.scorer_outputs)
         binding = self._scorer.io_binding()
         binding.bind_ortvalue_input("ids", ids)
-        for name, value in zip(names, outputs, strict=True):
+        for name, value in zip(self.scorer_outputs, outputs, strict=True):
             binding.bind_ortvalue_output(name, value)
         run_options = ort.RunOptions()
         if self.cuda_graph:
