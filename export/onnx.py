@@ -48,7 +48,7 @@ class ModelSpec:
 
 def serving_inputs(ckpt: Checkpoint) -> Tensor:
     """Sequence-input (and, normalised, candidate) vectors of the trained catalogue: (2, N + 1, d)."""
-    return with_ids(ckpt.z, ckpt.id_emb() if ckpt.id_emb is not None else None).detach()
+    return with_ids(ckpt.z, ckpt.id_emb(ckpt.z) if ckpt.id_emb is not None else None).detach()
 
 
 def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec]:
@@ -66,7 +66,7 @@ def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec
     return [
         ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k, topk_block), (ids,), ("ids",),
                   ("scores", "items", "user"), {"ids": {0: "batch", 1: "history"}}),
-        ModelSpec("item_tower", ItemTower(model), item_feats,
+        ModelSpec("item_tower", ItemTower(model, ckpt.id_emb), item_feats,
                   ("text_feats", "text_mask", "image_feats", "image_mask"), ("table", "inputs"),
                   {"text_feats": {0: "n", 1: "text_slots"}, "text_mask": {0: "n", 1: "text_slots"},
                    "image_feats": {0: "n", 1: "image_slots"}, "image_mask": {0: "n", 1: "image_slots"}}),

@@ -27,7 +27,7 @@ import torch
 from export.onnx import serving_inputs
 from mp4sr_rt.errors import UserError
 from train.checkpoint import Checkpoint
-from train.model import ItemFeatures, candidates, score, serving_table, user_vector
+from train.model import ItemFeatures, candidates, score, serving_table, untrained_inputs, user_vector
 
 FP32_MAX_ABS = 1e-4  # fp32: max |difference| of any score / vector component ...
 FP32_TOP10 = 1.0  # ... and identical top-10 sets
@@ -134,7 +134,8 @@ def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) ->
     padded = [np.concatenate([np.zeros_like(feeds[k][:1]), feeds[k]]) for k in order]
     with torch.no_grad():
         z = ckpt.model.encode_items(ItemFeatures(*map(torch.as_tensor, padded)))[:, 1:]  # (2, n, d)
-        ref = {"table": serving_table(z).numpy(), "inputs": torch.cat([z[0], z[1]], -1).numpy()}
+        x = untrained_inputs(z, ckpt.id_emb)
+        ref = {"table": serving_table(x).numpy(), "inputs": torch.cat([x[0], x[1]], -1).numpy()}
     out = run(feeds)
     users = np.concatenate([reference_users(ckpt, ids) for ids in batches(rng, ckpt)])
     top = min(TOP, n)

@@ -1,7 +1,7 @@
 """Tensor-only, positional modules around M2SE: what the ONNX files compute (STYLE 3 and 7).
 
     Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, 2d)
-    ItemTower(model)(text, text_mask, image, image_mask)  -> table (n, 2d), inputs (n, 2d)
+    ItemTower(model, id_emb)(text, text_mask, image, image_mask) -> table (n, 2d), inputs (n, 2d)
     HistoryEncoder(model)(inputs, lengths)                -> user (B, 2d)
     SentenceEncoder(bert, pooling, normalize)(input_ids, attention_mask) -> vectors (B, F)
     ImageEncoder(clip)(pixels)                            -> vectors (B, D), unit rows
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.model import M2SE, ItemFeatures
+from train.model import M2SE, ItemFeatures, ItemIdEmbedding, untrained_inputs
 
 
 def _concat_normalized(text: Tensor, image: Tensor) -> Tensor:
@@ -77,19 +77,23 @@ def block_topk(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
 
 
 class ItemTower(nn.Module):
-    """Feature slots of new items -> their serving rows and sequence-input vectors, features only.
+    """Feature slots of new items -> their serving rows and sequence-input vectors.
 
-    Items unseen in training have no ID embedding (SPEC section 4), so both outputs come from
-    the feature-only vectors z: table = [z_text/|z_text|, z_image/|z_image|], inputs = [z_text, z_image]."""
+    Items unseen in training have no trained ID row (SPEC section 4): their vectors are the
+    feature-only z, plus, where the model predicts ID rows from features (`id_emb.project`), that
+    prediction, as in training (ItemIdEmbedding): table = [c_text, c_image] normalised per
+    modality, inputs = [x_text, x_image] with x = z (+ predicted ID row)."""
 
-    def __init__(self, model: M2SE):
+    def __init__(self, model: M2SE, id_emb: ItemIdEmbedding | None = None):
         super().__init__()
         self.model = model
+        self.id_emb = id_emb
 
     def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor]:
         feats = ItemFeatures(text, text_mask, image, image_mask)
-        z = [self.model.adaptor[m](self.model.pool_items(feats, m)) for m in range(2)]  # 2 x (n, d)
-        return _concat_normalized(z[0], z[1]), torch.cat(z, dim=-1)
+        z = torch.stack([self.model.adaptor[m](self.model.pool_items(feats, m)) for m in range(2)])  # (2, n, d)
+        x = untrained_inputs(z, self.id_emb)
+        return _concat_normalized(x[0], x[1]), torch.cat([x[0], x[1]], dim=-1)
 
 
 class HistoryEncoder(nn.Module):

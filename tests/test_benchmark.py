@@ -113,8 +113,9 @@ def test_cold_start_training_never_sees_held_out_items(tiny_data_dir, tmp_path):
     # Back in the full catalogue the held-out items have no ID row: features only.
     id_emb = ItemIdEmbedding(reduced.num_items, 4, torch.as_tensor(reduced.train_counts > 0))
     full = full_catalogue_ids(id_emb, kept, data.num_items)
-    torch.testing.assert_close(full()[kept], id_emb())
-    assert not full.known[torch.as_tensor(held)].any() and (full()[torch.as_tensor(held)] == 0).all()
+    z_full, z = torch.zeros(1, data.num_items + 1, 4), torch.zeros(1, reduced.num_items + 1, 4)
+    torch.testing.assert_close(full(z_full)[kept], id_emb(z))
+    assert not full.known[torch.as_tensor(held)].any() and (full(z_full)[torch.as_tensor(held)] == 0).all()
 
 
 def test_unknown_model_is_one_clear_error(tiny_data_dir, tmp_path):
@@ -146,3 +147,29 @@ def test_single_modality_model_uses_only_its_features(modality):
     model.eval()
     with torch.inference_mode():
         torch.testing.assert_close(full_scores(model, feats, ids), full_scores(model, other, ids))
+
+
+def test_models_differing_in_fine_tuning_share_one_pre_training(tiny_data_dir, tmp_path):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", tiny_data_dir, "--features", tiny_data_dir / "features.safetensors",
+            "--preset", "tiny", "--seeds", "1", "--epochs", "1", "--models", "mp4sr,ids-paper,text-only",
+            "--settings", "normal", "--out", out, "--quiet"]
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert not (out / "cold-start").exists()
+    # ids-paper changes only fine-tuning settings: it reuses mp4sr's pre-training; text-only changes the model.
+    assert len(list((out / "normal" / "pretrained").iterdir())) == 2
+    runs = {m: json.loads((out / "normal" / m / "seed-0" / "metrics.json").read_text()) for m in ("mp4sr", "ids-paper")}
+    assert runs["mp4sr"]["epochs"] == runs["ids-paper"]["epochs"] == {"pretrain": 1, "finetune": 1}
+    assert runs["mp4sr"]["test"] != runs["ids-paper"]["test"]
+    # The shared pre-training's time counts for both models.
+    stage = json.loads(next((out / "normal" / "pretrained").glob("*/state.json")).read_text())
+    assert all(r["seconds"] > stage["history"][0]["seconds"] > 0 for r in runs.values())
+    report = (out / "results.md").read_text()
+    assert "## Normal setting" in report and "## Cold-start setting" not in report
+
+
+def test_unknown_setting_is_one_clear_error(tiny_data_dir, tmp_path):
+    result = run_benchmark_cli(tiny_data_dir, tmp_path / "bench", "--settings", "warm")
+    assert result.exit_code != 0
+    assert "--settings: unknown warm" in result.stderr

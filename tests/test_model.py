@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.config import TrainConfig, preset
+from train.config import IdConfig, TrainConfig, preset
 from train.model import (
     M2SE,
     ItemFeatures,
@@ -16,6 +16,7 @@ from train.model import (
     candidates,
     score,
     serving_table,
+    untrained_inputs,
     user_vector,
     with_ids,
 )
@@ -111,7 +112,8 @@ def test_serving_identity(model, feats):
     known = torch.zeros(N + 1, dtype=torch.bool)
     known[1:20] = True
     id_emb = ItemIdEmbedding(N, model.cfg.d, known)
-    inputs = with_ids(model.encode_items(feats), id_emb())
+    z = model.encode_items(feats)
+    inputs = with_ids(z, id_emb(z))
     h = model.encode_history(histories(), inputs)
     direct = score(h, candidates(inputs))
     served = user_vector(h) @ serving_table(inputs).T
@@ -142,6 +144,47 @@ def test_every_parameter_gets_a_gradient_in_finetuning(feats):
     loss.backward()
     assert _grad_names(model) == set()
     assert id_emb.weight.grad.abs().sum() > 0
+
+
+def test_id_rows_from_features_fill_untrained_and_dropped_items(model, feats):
+    known = torch.zeros(N + 1, dtype=torch.bool)
+    known[1:20] = True
+    torch.manual_seed(0)
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known, from_features=True, modalities=2)
+    z = model.encode_items(feats)
+    with torch.no_grad():
+        rows, predicted = id_emb(z), id_emb.from_features(z)
+        drop = torch.zeros(N + 1, dtype=torch.bool)
+        drop[3] = True
+        dropped = id_emb(z, drop)
+    assert (rows[0] == 0).all()  # padding
+    torch.testing.assert_close(rows[1:20], id_emb.weight[1:20].detach())
+    torch.testing.assert_close(rows[20:], predicted[20:])
+    assert predicted[20:].abs().sum() > 0
+    # A dropped item is scored as an untrained one; the others keep their trained rows.
+    torch.testing.assert_close(dropped[3], predicted[3])
+    torch.testing.assert_close(dropped[4:], rows[4:])
+    # New items (the export's item tower) get exactly what untrained catalogue items get.
+    torch.testing.assert_close(untrained_inputs(z, id_emb)[:, 20:], with_ids(z, rows)[:, 20:])
+    plain = ItemIdEmbedding(N, model.cfg.d, known)
+    assert (plain(z)[20:] == 0).all() and untrained_inputs(z, plain) is z
+
+
+def test_id_dropout_trains_the_feature_projection(feats):
+    torch.manual_seed(0)
+    model = M2SE(preset("tiny").model, FEAT).train()
+    id_emb = ItemIdEmbedding(N, model.cfg.d, torch.ones(N + 1, dtype=torch.bool), from_features=True)
+    cfg = TrainConfig(ids=IdConfig(dropout=0.5, from_features=True))
+    loss, _ = finetune_loss(model, id_emb, feats, histories(), torch.tensor([4, 9, 13]), cfg,
+                            torch.Generator().manual_seed(0))
+    loss.backward()
+    assert _grad_names(model) == set() and _grad_names(id_emb) == set()
+    # Without dropout every item here has a trained row: the projection is unused.
+    id_emb.zero_grad(set_to_none=True)
+    no_dropout = TrainConfig(ids=IdConfig(dropout=0.0, from_features=True))
+    finetune_loss(model, id_emb, feats, histories(), torch.tensor([4, 9, 13]), no_dropout)[0].backward()
+    grad = id_emb.project.weight.grad
+    assert grad is None or not grad.any()
 
 
 def test_reference_quirks_freeze_pooling(feats):
@@ -199,3 +242,17 @@ def test_random_drop_keeps_first_and_compacts():
         real = [x for x in row if x]
         assert real[0] == 5 and real == sorted(real)  # order kept
         assert row[len(real):] == [0] * (6 - len(real))  # compacted left
+
+
+def test_pretraining_skips_a_modality_no_item_has(feats):
+    """Text-only catalogue: no image NIP, no mixup or CMCL against the constant missing vector."""
+    text_only = dataclasses.replace(feats, image_mask=torch.zeros_like(feats.image_mask))
+    assert text_only.present() == ("text",) and feats.present() == ("text", "image")
+    torch.manual_seed(0)
+    model = M2SE(preset("tiny").model, FEAT).train()
+    ids, targets = histories(), torch.tensor([4, 9, 13])
+    _, parts = pretrain_loss(model, text_only, ids, targets, TrainConfig(), torch.Generator().manual_seed(0))
+    assert set(parts) == {"nip_text"}
+    _, parts = pretrain_loss(model, text_only, ids, targets, TrainConfig(skip_absent_modalities=False),
+                             torch.Generator().manual_seed(0))
+    assert set(parts) == {"nip_text", "nip_image", "cmcl"}

@@ -144,3 +144,26 @@ def test_stages_run_separately_chain_through_the_run_directory(tiny_data_dir, tm
     assert fine.returncode == 0, fine.stderr
     assert "starting from the pre-trained weights" in fine.stderr
     assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["stage"] == "finetune"
+
+
+def test_paper_preset_keeps_the_paper_id_embedding_and_old_checkpoints_load_as_such(tiny_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from train.checkpoint import load_checkpoint
+
+    assert preset("paper").train.ids == config_lib.PAPER_IDS
+    assert preset("demo").train.ids == config_lib.IdConfig()
+    assert config_lib.IdConfig() != config_lib.PAPER_IDS
+    # A checkpoint written before the ID settings existed was trained with the paper's embedding.
+    old = tmp_path / "checkpoint"
+    shutil.copytree(tiny_run / "checkpoint", old)
+    sidecar = json.loads((old / "config.json").read_text())
+    sidecar["config"]["train"].pop("ids")
+    (old / "config.json").write_text(json.dumps(sidecar))
+    projection = {"id_emb.project.weight", "id_emb.project.bias"}
+    tensors = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if k not in projection}
+    save_file(tensors, str(old / "model.safetensors"))
+    ckpt = load_checkpoint(old)
+    assert ckpt.cfg.train.ids == config_lib.PAPER_IDS and ckpt.id_emb.project is None

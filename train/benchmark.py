@@ -13,14 +13,18 @@ Settings:
 
 Results directory (a run with a metrics.json is finished and skipped on rerun; one killed during
 training resumes from its last completed epoch):
-    <out>/<setting>/<model>/seed-<s>/run.json, stages/, metrics.json
+    <out>/<setting>/<model>/seed-<s>/run.json, stages/finetune/, metrics.json
+    <out>/<setting>/pretrained/seed-<s>-<hash>/   pre-training, shared by the models whose
+                                      settings differ in fine-tuning only (config.FINETUNE_ONLY)
     <out>/cache/                      preprocessed split
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,16 +59,22 @@ class ModelSpec:
     id_only: bool = False  # cannot score items unseen in training
 
 
-def ablation(name: str, label: str, key: str, value: Any) -> ModelSpec:
-    """MP4SR, pre-trained and fine-tuned, with one config value changed."""
-    return ModelSpec(name, f"MP4SR, {label}", "ablation", pretrain=True, overrides={key: value})
+def ablation(name: str, label: str, key: str, value: Any, **more: Any) -> ModelSpec:
+    """MP4SR, pre-trained and fine-tuned, with config values changed (`more`: further dotted keys
+    with their dots written as double underscores)."""
+    overrides = {key: value, **{k.replace("__", "."): v for k, v in more.items()}}
+    return ModelSpec(name, f"MP4SR, {label}", "ablation", pretrain=True, overrides=overrides)
 
 
+_PAPER_IDS = dataclasses.asdict(config_lib.PAPER_IDS)
 MODELS = (
     ModelSpec("mp4sr", "MP4SR", "MP4SR", pretrain=True),
     ModelSpec("popularity", "Popularity", "baseline", kind="popularity", id_only=True),
-    ModelSpec("sasrec", "SASRec (item IDs only)", "baseline", kind="sasrec", id_only=True),
-    ModelSpec("sasrec-features", "SASRecM (IDs + mean-pooled features)", "baseline", kind="sasrec-features"),
+    # The baselines keep their published form: the plain N(0, 0.02) ID embedding.
+    ModelSpec("sasrec", "SASRec (item IDs only)", "baseline", kind="sasrec", id_only=True,
+              overrides={"train.ids": _PAPER_IDS}),
+    ModelSpec("sasrec-features", "SASRecM (IDs + mean-pooled features)", "baseline", kind="sasrec-features",
+              overrides={"train.ids": _PAPER_IDS}),
     ModelSpec("mp4sr-no-pretrain", "MP4SR without pre-training", "baseline"),
     ablation("no-mixup", "no sequence mixup", "train.use_mixup", False),
     ablation("no-cmcl", "no CMCL (lambda = 0)", "train.cmcl_weight", 0.0),
@@ -72,8 +82,25 @@ MODELS = (
     ablation("text-only", "text only", "model.modalities", ["text"]),
     ablation("image-only", "image only", "model.modalities", ["image"]),
     ablation("reference-quirks", "reference_quirks on", "train.reference_quirks", True),
+    ablation("pretrain-absent", "pre-training on absent modalities too", "train.skip_absent_modalities", False),
+    ablation("ids-paper", "the paper's ID embedding (scale 1, no ID dropout, none for new items)",
+             "train.ids", _PAPER_IDS),
+    ablation("ids-scale-1", "ID scale 1", "train.ids.scale", 1.0),
+    ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
+    ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
 )
 BY_NAME = {spec.name: spec for spec in MODELS}
+
+
+def select_settings(names: str) -> tuple[str, ...]:
+    """'all' or comma-separated setting names -> those settings, in the report's order."""
+    if names.strip() == "all":
+        return SETTINGS
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    if not wanted or not wanted <= set(SETTINGS):
+        raise UserError(f"--settings: unknown {', '.join(sorted(wanted - set(SETTINGS))) or 'empty list'}; "
+                        f"choose 'all' or among: {', '.join(SETTINGS)}")
+    return tuple(s for s in SETTINGS if s in wanted)
 
 
 def select_models(names: str) -> tuple[ModelSpec, ...]:
@@ -97,6 +124,7 @@ class BenchmarkOptions:
     data: Path | None = None  # None: the built-in demo dataset
     features: Path | None = None
     cold_fraction: float = 0.1
+    settings: tuple[str, ...] = SETTINGS
     device: str = "auto"
     progress: bool = True
 
@@ -121,6 +149,8 @@ class Inputs:
             untrained = meta.get("clip_weights", "null") == "null"
             weights = "a randomly initialised tower (no --clip-weights)" if untrained else "trained weights"
             text += f", image words chosen by CLIP {meta['clip_model']} with {weights}"
+        if self.feats.present() != ("text", "image"):
+            text += f"; modalities present: {', '.join(self.feats.present()) or 'none'}"
         return text
 
 
@@ -184,9 +214,10 @@ def full_catalogue_ids(id_emb: ItemIdEmbedding, kept: np.ndarray, num_items: int
     rows = torch.as_tensor(kept, device=id_emb.weight.device)
     known = torch.zeros(num_items + 1, dtype=torch.bool, device=rows.device)
     known[rows] = id_emb.known
-    full = ItemIdEmbedding(num_items, id_emb.weight.shape[1], known).to(rows.device)
+    full = copy.deepcopy(id_emb)  # the same settings and feature projection, if any
+    full.weight = torch.nn.Parameter(id_emb.weight.new_zeros(num_items + 1, id_emb.weight.shape[1]))
+    full.known = known
     with torch.no_grad():
-        full.weight.zero_()
         full.weight[rows] = id_emb.weight
     return full
 
@@ -198,27 +229,42 @@ def build_model(spec: ModelSpec, cfg: Config, feat_dim: int) -> torch.nn.Module:
 
 
 def train_and_test(
-    spec: ModelSpec, cfg: Config, inputs: Inputs, sd: SettingData, directory: Path, progress: bool,
+    spec: ModelSpec, cfg: Config, inputs: Inputs, sd: SettingData, directory: Path, pretrained: Path,
+    progress: bool,
 ) -> dict[str, Any]:
-    """Pre-train (if the model does), fine-tune and test; both stages resume from their last epoch."""
+    """Pre-train (if the model does) in `pretrained`, fine-tune in `directory` and test; both stages
+    resume from their last epoch, and a finished pre-training is loaded rather than repeated."""
     if spec.kind == "popularity":
-        return {"test": evaluate_popularity(sd.data, sd.test), "epochs": {}}
+        return {"test": evaluate_popularity(sd.data, sd.test), "epochs": {}, "seconds": 0.0}
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, cfg, inputs.feats.text.shape[-1]).to(inputs.device)
-    # Items unseen in training get no ID row: they are scored from their features only.
-    known = torch.as_tensor(sd.train_data.train_counts > 0)
-    id_emb = ItemIdEmbedding(sd.train_data.num_items, cfg.model.d, known).to(inputs.device)
-    epochs = {}
+    epochs, seconds, id_emb = {}, 0.0, None
     for stage in ("pretrain", "finetune") if spec.pretrain else ("finetune",):
+        if stage == "finetune":  # created here, as in `train`: pre-training draws nothing for it
+            # Items unseen in training get no trained ID row (SPEC section 4).
+            known = torch.as_tensor(sd.train_data.train_counts > 0)
+            modalities = len(cfg.model.modalities) if spec.kind == "mp4sr" else 1
+            id_emb = ItemIdEmbedding.create(cfg.train.ids, sd.train_data.num_items, cfg.model.d, known,
+                                            modalities).to(inputs.device)
         runner = StageRunner(
-            stage, getattr(cfg.train, stage), cfg, model, id_emb if stage == "finetune" else None,
-            sd.train_feats, sd.train_data, directory / "stages" / stage, progress,
+            stage, getattr(cfg.train, stage), cfg, model, id_emb, sd.train_feats, sd.train_data,
+            pretrained if stage == "pretrain" else directory / "stages" / stage, progress,
         )
         runner.resume()
-        epochs[stage] = len(runner.run().history)
+        result = runner.run()
+        epochs[stage], seconds = len(result.history), seconds + result.seconds
     if sd.kept is not None:
         id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
-    return {"test": evaluate(model, inputs.feats, sd.test, cfg.train.eval_batch_size, id_emb), "epochs": epochs}
+    test = evaluate(model, inputs.feats, sd.test, cfg.train.eval_batch_size, id_emb)
+    return {"test": test, "epochs": epochs, "seconds": seconds}
+
+
+def pretrained_dir(options: BenchmarkOptions, setting: str, cfg: Config, inputs: Inputs) -> Path:
+    """Where a pre-training lives: shared by the models whose runs differ in fine-tuning settings only."""
+    key = {"config": config_lib.pretrain_view(cfg), "data": inputs.data_key, "features": inputs.features_sha,
+           "cold_fraction": options.cold_fraction if setting == "cold-start" else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return options.out / setting / "pretrained" / f"seed-{cfg.train.seed}-{digest}"
 
 
 def run_one(
@@ -238,10 +284,12 @@ def run_one(
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text()), False
     sd = setting_data(inputs, setting, options.cold_fraction, seed)
-    t0 = time.perf_counter()
-    result = train_and_test(spec, cfg, inputs, sd, directory, options.progress)
+    pretrained = pretrained_dir(options, setting, cfg, inputs)
+    result = train_and_test(spec, cfg, inputs, sd, directory, pretrained, options.progress)
+    # "seconds": training and validation time of every epoch of both stages (a shared pre-training
+    # counts for each model that uses it), not the wall time of this call.
     metrics = {"model": spec.name, "setting": setting, "seed": seed, "test_users": len(sd.test),
-               "seconds": time.perf_counter() - t0, "device": str(inputs.device), **result}
+               "device": str(inputs.device), **result}
     write_json_atomic(metrics_file, metrics)
     return metrics, True
 
@@ -271,9 +319,10 @@ def load_inputs(options: BenchmarkOptions) -> Inputs:
 def run_benchmark(options: BenchmarkOptions) -> BenchmarkResult:
     """Every selected model in both settings for every seed; returns their metrics."""
     inputs = load_inputs(options)
-    log(f"benchmark: {inputs.describe()} | {len(options.models)} models x {len(SETTINGS)} settings "
+    log(f"benchmark: {inputs.describe()} | {len(options.models)} models x {len(options.settings)} settings "
         f"x {len(options.seeds)} seeds | {options.out}")
-    runs = [(setting, spec, seed) for seed in options.seeds for setting in SETTINGS for spec in options.models]
+    runs = [(setting, spec, seed) for seed in options.seeds for setting in options.settings
+            for spec in options.models]
     results = []
     for i, (setting, spec, seed) in enumerate(runs, 1):
         metrics, ran = run_one(spec, setting, seed, inputs, options)
@@ -298,6 +347,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     for key, runs in grouped.items():
         values = {m: [r["test"][m] for r in runs] for m in METRICS}
         values["seconds"] = [r["seconds"] for r in runs]
+        values["epochs"] = [sum(r["epochs"].values()) for r in runs]
         summary[key] = {m: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
                         for m, v in values.items()}
     return summary
@@ -359,7 +409,7 @@ def _within(a: tuple[float, float], b: tuple[float, float]) -> str:
 
 
 def _table(summary, setting: str, models: tuple[ModelSpec, ...]) -> list[str]:
-    header = ["Model", "Role", "Recall@10", "Recall@20", "NDCG@10", "NDCG@20", "Training time (s)"]
+    header = ["Model", "Role", "Recall@10", "Recall@20", "NDCG@10", "NDCG@20", "Epochs", "Training time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {m: max(summary[(setting, spec.name)][m][0] for spec in models) for m in METRICS}
     for spec in models:
@@ -368,7 +418,8 @@ def _table(summary, setting: str, models: tuple[ModelSpec, ...]) -> list[str]:
         if setting == "cold-start" and spec.id_only:
             label += " — cannot score unseen items"
         cells = [_cell(stats[m], bold=stats[m][0] == best[m]) for m in METRICS]
-        lines.append(f"| {label} | {spec.role} | " + " | ".join(cells) + f" | {_cell(stats['seconds'], 1)} |")
+        lines.append(f"| {label} | {spec.role} | " + " | ".join(cells)
+                     + f" | {_cell(stats['epochs'], 1)} | {_cell(stats['seconds'], 1)} |")
     return lines
 
 
@@ -390,43 +441,59 @@ def write_report(result: BenchmarkResult, options: BenchmarkOptions, path: Path,
         f"- Preset `{cfg.preset}`: {_schedule(cfg, models)}.",
         f"- Seeds {', '.join(map(str, options.seeds))}: each cell is the mean ± standard deviation over the seeds "
         "of the test metric at the best validation epoch (Recall@20).",
-        f"- Normal setting: {_range(normal_users)} test users. Cold-start setting: {options.cold_fraction:.0%} of "
-        "the items, drawn with each run's seed, are left out of the training catalogue (never a target, a history "
-        "item, a negative of the softmax or a validation item, like items added after training); tested on the "
-        f"{_range(cold_users)} users whose test item is one of them, ranking the whole catalogue. MP4SR and SASRecM "
-        "score those items from their features only; popularity and SASRec cannot score them (zero counts, no ID "
-        "row), hence their zeros.",
-        "- Training time: wall-clock seconds per run (pre-training and fine-tuning with their validation passes, "
-        f"and the test pass) on {' and '.join(sorted({r['device'] for r in results}))}, "
-        "on a machine shared with other jobs: a rough cost only.",
+        *_setting_notes(options, normal_users, cold_users),
+        "- Epochs: pre-training plus fine-tuning epochs run until early stopping (or the preset's maximum). "
+        "Training time: wall-clock seconds of those epochs with their validation passes, on "
+        f"{' and '.join(sorted({r['device'] for r in results}))}, on a machine shared with other "
+        "jobs: a rough cost only. Models whose settings differ in fine-tuning alone share one pre-training; its "
+        "time counts for each of them.",
         "- Every model trains with the same loss family as MP4SR's fine-tuning (full-catalogue cross-entropy of "
-        "cosine scores / tau) and the same optimiser settings.",
+        "cosine scores / tau) and the same optimiser settings. SASRec and SASRecM keep their published ID "
+        "embedding (N(0, 0.02), no dropout); MP4SR's fine-tuning defaults differ from the paper in its ID embedding "
+        "(`train.ids`: scale 10, ID dropout 0.2, ID rows predicted from features for items without one; "
+        "`--preset paper` keeps the paper's).",
         "",
         f"![Recall@20 and NDCG@20 per model, error bars one standard deviation]({path.with_suffix('.png').name})",
     ]
-    for setting in SETTINGS:
+    for setting in options.settings:
         lines += ["", f"## {setting.capitalize()} setting", "", *_table(summary, setting, models)]
         findings = _findings(summary, setting, models)
         if findings:
             lines += ["", "Findings:", "", *findings]
     write_text_atomic(path, "\n".join(lines) + "\n")
-    write_chart(summary, models, path.with_suffix(".png"))
+    write_chart(summary, models, options.settings, path.with_suffix(".png"))
+
+
+def _setting_notes(options: BenchmarkOptions, normal_users: list[int], cold_users: list[int]) -> list[str]:
+    notes = []
+    if "normal" in options.settings:
+        notes.append(f"- Normal setting: {_range(normal_users)} test users.")
+    if "cold-start" in options.settings:
+        notes.append(
+            f"- Cold-start setting: {options.cold_fraction:.0%} of the items, drawn with each run's seed, are left out "
+            "of the training catalogue (never a target, a history item, a negative of the softmax or a validation "
+            f"item, like items added after training); tested on the {_range(cold_users)} users whose test item is "
+            "one of them, ranking the whole catalogue. MP4SR and SASRecM score those items from their features "
+            "only; popularity and SASRec cannot score them (zero counts, no ID row), hence their zeros.")
+    return notes
 
 
 def _range(values: list[int]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def write_chart(summary, models: tuple[ModelSpec, ...], path: Path) -> None:
+def write_chart(summary, models: tuple[ModelSpec, ...], settings: tuple[str, ...], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(max(8, 0.7 * len(models) * len(SETTINGS)), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(settings), figsize=(max(8, 0.7 * len(models) * len(settings)), 4.5),
+                             sharey=True, squeeze=False)
+    axes = axes[0]
     x = np.arange(len(models))
     width = 0.4
-    for ax, setting in zip(axes, SETTINGS, strict=True):
+    for ax, setting in zip(axes, settings, strict=True):
         for offset, metric in ((-width / 2, "recall@20"), (width / 2, "ndcg@20")):
             stats = [summary[(setting, spec.name)][metric] for spec in models]
             ax.bar(x + offset, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=metric)

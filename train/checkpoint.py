@@ -8,6 +8,7 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,10 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         raise UserError(f"checkpoint sidecar {sidecar_path} is not valid JSON: {e}") from None
     if meta.get("schema") != SCHEMA:
         raise UserError(f"checkpoint {sidecar_path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-    cfg = config_lib.from_dict(meta["config"])
+    values = meta["config"]
+    if "ids" not in values.get("train", {}):  # written before the ID settings existed: the paper's
+        values = {**values, "train": {**values["train"], "ids": dataclasses.asdict(config_lib.PAPER_IDS)}}
+    cfg = config_lib.from_dict(values)
     model = M2SE(cfg.model, meta["feat_dim"])
     try:
         tensors = load_file(str(directory / "model.safetensors"), device=device)
@@ -89,7 +93,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         raise UserError(f"checkpoint {directory}: unreadable tensors ({e})") from None
     id_emb = None
     if meta["has_id_embedding"]:
-        id_emb = ItemIdEmbedding(meta["num_items"], cfg.model.d, tensors["id_emb.known"])
+        id_emb = ItemIdEmbedding.create(cfg.train.ids, meta["num_items"], cfg.model.d, tensors["id_emb.known"],
+                                        len(cfg.model.modalities))
     load_state(tensors, model, id_emb)
     model.to(device).eval()
     if id_emb is not None:

@@ -50,6 +50,26 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class IdConfig:
+    """Fine-tuning's item-ID embedding (SPEC section 4); pre-training has none."""
+
+    init_std: float = 0.02  # N(0, init_std) at the start of fine-tuning
+    # The rows used are scale * weight. Adam moves each weight by about lr per step whatever its
+    # size, so the ID part grows relative to the item vectors z (row norm ~1.7) about `scale`
+    # times faster; at 1 (the paper) it stays a small correction of z (norm ~0.3 after fine-tuning).
+    scale: float = 10.0
+    # Share of the trained items whose ID row is dropped at each fine-tuning step (the same items
+    # in histories and among the candidates), so the model learns to rank items without one.
+    dropout: float = 0.2
+    # Items without an ID row (dropped ones, and those never seen in training) get a row predicted
+    # from their feature vectors rather than none (ItemIdEmbedding).
+    from_features: bool = True
+
+
+PAPER_IDS = IdConfig(scale=1.0, dropout=0.0, from_features=False)  # SPEC section 4, `--preset paper`
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(epochs=300, lr=1e-3))
     finetune: StageConfig = field(
@@ -61,11 +81,15 @@ class TrainConfig:
     mixup_max: float = 0.5  # sequence mixup probability p ~ U(0, mixup_max)
     use_mixup: bool = True
     use_nip: bool = True
+    # Pre-train only on the modalities some item has: in a text-only catalogue every image vector
+    # is the one learned missing vector, so image NIP, mixup and CMCL carry nothing (train.tasks).
+    skip_absent_modalities: bool = True
     # Reproduce the reference code instead of the paper's intent: same-target logits set to 0
     # (still counted in the softmax) and attention pooling that never receives gradients.
     reference_quirks: bool = False
     eval_batch_size: int = 1024
     seed: int = 0
+    ids: IdConfig = field(default_factory=IdConfig)
 
 
 @dataclass(frozen=True)
@@ -77,8 +101,8 @@ class Config:
 
 
 def _paper() -> Config:
-    """The reference settings (SPEC sections 2, 3 and 5)."""
-    return Config(preset="paper")
+    """The reference settings (SPEC sections 2, 3 and 5), the paper's ID embedding included."""
+    return Config(train=TrainConfig(ids=PAPER_IDS), preset="paper")
 
 
 def _demo() -> Config:
@@ -147,7 +171,23 @@ _NESTED = {
     (Config, "train"): TrainConfig,
     (TrainConfig, "pretrain"): StageConfig,
     (TrainConfig, "finetune"): StageConfig,
+    (TrainConfig, "ids"): IdConfig,
 }
+
+# Config parts that only fine-tuning reads: runs that differ in these alone share pre-training.
+FINETUNE_ONLY = ("train.finetune", "train.ids")
+
+
+def pretrain_view(cfg: Config) -> dict[str, Any]:
+    """`to_dict(cfg)` with the fine-tuning-only parts left out: what pre-training depends on."""
+    values = to_dict(cfg)
+    for dotted in FINETUNE_ONLY:
+        *parents, leaf = dotted.split(".")
+        node = values
+        for key in parents:
+            node = node[key]
+        node.pop(leaf)
+    return values
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -41,7 +41,7 @@ class StageResult:
     best_epoch: int
     valid: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training and validation time of all its epochs, across resumes
     sequences_per_second: float = 0.0
 
 
@@ -116,6 +116,7 @@ class StageRunner:
             self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
         )
         self.generator = torch.Generator(device=feats.text.device).manual_seed(cfg.train.seed)
+        self.present = feats.present()  # once: the catalogue does not change during a stage
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best": -1.0, "history": [], "done": False}
 
     # -- persistence -------------------------------------------------------------------------
@@ -152,8 +153,9 @@ class StageRunner:
     # -- training ----------------------------------------------------------------------------
     def _loss(self, ids: torch.Tensor, targets: torch.Tensor):
         if self.name == "pretrain":
-            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator)
-        return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train)
+            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator,
+                                 self.present)
+        return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train, self.generator)
 
     def _epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
@@ -187,16 +189,15 @@ class StageRunner:
     def run(self) -> StageResult:
         self.dir.mkdir(parents=True, exist_ok=True)
         sc = self.stage_cfg
-        t0 = time.perf_counter()
-        throughputs = []
         while not self.state["done"]:
             epoch = self.state["epoch"] + 1
+            t0 = time.perf_counter()
             loss, seq_per_s = self._epoch(epoch)
-            throughputs.append(seq_per_s)
             valid = evaluate(
                 self.model, self.feats, self.data.valid, self.cfg.train.eval_batch_size, self.id_emb
             )
-            self.state["history"].append({"epoch": epoch, "loss": loss, "valid": valid, "seq_per_s": seq_per_s})
+            self.state["history"].append({"epoch": epoch, "loss": loss, "valid": valid, "seq_per_s": seq_per_s,
+                                          "seconds": time.perf_counter() - t0})
             improved = valid[SELECT_METRIC] > self.state["best"]
             if improved:
                 self.state.update(best=valid[SELECT_METRIC], best_epoch=epoch)
@@ -216,7 +217,8 @@ class StageRunner:
         speeds = [h["seq_per_s"] for h in self.state["history"]]
         return StageResult(
             best_epoch=self.state["best_epoch"], valid=best["valid"], history=self.state["history"],
-            seconds=time.perf_counter() - t0, sequences_per_second=float(np.median(speeds)),
+            seconds=sum(h.get("seconds", 0.0) for h in self.state["history"]),
+            sequences_per_second=float(np.median(speeds)),
         )
 
 

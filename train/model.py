@@ -2,7 +2,7 @@
 
 Serving split (SPEC section 4):
     z = model.encode_items(feats)                     # (M, N + 1, d): per-modality item vectors
-    inputs = with_ids(z, id_emb, known)               # fine-tuned models add item-ID embeddings
+    inputs = with_ids(z, id_emb(z))                   # fine-tuned models add item-ID rows
     h = model.encode_history(ids, inputs)             # (M, B, d): user vector per modality
     scores = score(h, candidates(inputs))             # (B, N + 1): cos(text) + cos(image)
 M = len(cfg.modalities): 2 (text, then image) except in single-modality ablations.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.config import ModelConfig
+from train.config import IdConfig, ModelConfig
 
 MODALITIES = ("text", "image")
 
@@ -36,6 +36,10 @@ class ItemFeatures:
 
     def modality(self, m: int) -> tuple[Tensor, Tensor]:
         return (self.text, self.text_mask) if m == 0 else (self.image, self.image_mask)
+
+    def present(self) -> tuple[str, ...]:
+        """The modalities at least one item has (a text-only catalogue: just "text")."""
+        return tuple(name for m, name in enumerate(MODALITIES) if bool(self.modality(m)[1].any()))
 
 
 class AttentionPool(nn.Module):
@@ -208,16 +212,46 @@ class M2SE(nn.Module):
 
 
 class ItemIdEmbedding(nn.Module):
-    """Fine-tuning's item-ID embedding, N(0, 0.02); only items seen in training use it."""
+    """Fine-tuning's item-ID embedding, N(0, init_std); only items seen in training have a row.
 
-    def __init__(self, num_items: int, d: int, known: Tensor):
+    An item without a trained row (never seen in training, or dropped in this step: see
+    `finetune_loss`) gets zero, as in the paper, or with `from_features` an ID-like row predicted
+    from its feature vectors, `project([z_text, z_image])`: the model then learns to rank such
+    items among trained ones, and items added after training (cold start) get the same."""
+
+    def __init__(self, num_items: int, d: int, known: Tensor, init_std: float = 0.02,
+                 from_features: bool = False, modalities: int = 2, scale: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_items + 1, d) * 0.02)
-        # Items never seen in training (and padding) have no trained ID row: features only.
+        self.weight = nn.Parameter(torch.randn(num_items + 1, d) * init_std)
+        self.scale = scale
+        # Items never seen in training (and padding) have no trained ID row.
         self.register_buffer("known", known.bool().clone(), persistent=True)
+        self.project = nn.Linear(modalities * d, d) if from_features else None
 
-    def forward(self) -> Tensor:
-        return self.weight * self.known[:, None]
+    @classmethod
+    def create(cls, ids: IdConfig, num_items: int, d: int, known: Tensor, modalities: int) -> ItemIdEmbedding:
+        return cls(num_items, d, known, ids.init_std, ids.from_features, modalities, ids.scale)
+
+    def forward(self, z: Tensor, drop: Tensor | None = None) -> Tensor:
+        """ID rows (N + 1, d) for the item vectors z (M, N + 1, d); `drop` (N + 1,) bool marks
+        trained rows to treat as missing. Row 0 (padding) is zero."""
+        have = self.known if drop is None else self.known & ~drop
+        rows = self.weight * (self.scale * have[:, None])
+        if self.project is not None:
+            rows = torch.where(have[:, None], rows, self.from_features(z))
+        return rows.index_fill(0, torch.zeros(1, dtype=torch.long, device=rows.device), 0.0)
+
+    def from_features(self, z: Tensor) -> Tensor:
+        """ID-like rows predicted from item vectors z (M, n, d) -> (n, d); `from_features` only."""
+        return self.project(z.permute(1, 0, 2).flatten(1))
+
+
+def untrained_inputs(z: Tensor, id_emb: ItemIdEmbedding | None) -> Tensor:
+    """Sequence-input vectors (M, n, d) of items without a trained ID row (new items), from their
+    item vectors z (M, n, d): z itself, plus the predicted ID row where the model has one."""
+    if id_emb is None or id_emb.project is None:
+        return z
+    return z + id_emb.from_features(z)
 
 
 def with_ids(z: Tensor, id_rows: Tensor | None) -> Tensor:

@@ -97,6 +97,10 @@ def train(
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
     if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("clip_model", "none") != "none":
         log("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
+    absent = [name for name in cfg.model.modalities if name not in feats.present()]
+    if absent and cfg.train.skip_absent_modalities:
+        log(f"note: no item has {' or '.join(absent)} features; pre-training uses "
+            f"{', '.join(n for n in cfg.model.modalities if n not in absent) or 'nothing'} only")
 
     t0 = time.perf_counter()
     popularity = {"valid": evaluate_popularity(split, split.valid), "test": evaluate_popularity(split, split.test)}
@@ -118,7 +122,8 @@ def train(
             else:
                 log("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
         known = torch.as_tensor(split.train_counts > 0)
-        id_emb = ItemIdEmbedding(split.num_items, cfg.model.d, known).to(dev)
+        id_emb = ItemIdEmbedding.create(cfg.train.ids, split.num_items, cfg.model.d, known,
+                                        len(cfg.model.modalities)).to(dev)
         runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
                              out / "stages" / "finetune", progress)
         if resume and runner.resume():

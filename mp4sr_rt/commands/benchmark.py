@@ -23,6 +23,7 @@ def benchmark(
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0, 1, ...) each model runs with."),
     preset: str = typer.Option("demo", help="Config preset: demo, tiny or paper."),
     epochs: int | None = typer.Option(None, min=1, help="Override the epochs of both stages (a shortened schedule)."),
+    settings: str = typer.Option("all", help="Comma-separated settings, or all: normal, cold-start."),
     cold_fraction: float = typer.Option(0.1, help="Share of the items held out of training in the cold-start setting."),
     out: Path = typer.Option(Path("mp4sr-bench"), help="Results directory; finished runs in it are not repeated."),
     report: Path | None = typer.Option(None, help="Where to write results.md (results.png beside it). "
@@ -38,7 +39,7 @@ def benchmark(
     import torch
 
     from train import config as config_lib
-    from train.benchmark import BenchmarkOptions, run_benchmark, select_models, write_report
+    from train.benchmark import BenchmarkOptions, run_benchmark, select_models, select_settings, write_report
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -47,7 +48,7 @@ def benchmark(
         cfg = config_lib.replace(cfg, {"train.pretrain.epochs": epochs, "train.finetune.epochs": epochs})
     options = BenchmarkOptions(
         cfg=cfg, seeds=tuple(range(seeds)), out=out, models=select_models(models), data=data, features=features,
-        cold_fraction=cold_fraction, device=device, progress=not quiet,
+        cold_fraction=cold_fraction, settings=select_settings(settings), device=device, progress=not quiet,
     )
     result = run_benchmark(options)
     report = report or out / "results.md"

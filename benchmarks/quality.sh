@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The quality report: MP4SR against its baselines at the demo preset's full, early-stopped schedule.
+#
+#   bash benchmarks/quality.sh [OUT]      # OUT: results directory (default mp4sr-bench); resumable
+#
+# 1. the demo data, 3 seeds, both settings -> docs/results.md
+# 2. the other data configurations (benchmarks/quality_data.py), 1 seed -> docs/results-<config>.md
+# 3. ablations of the fine-tuning defaults on the demo data, 1 seed -> docs/results-ablations.md
+# Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
+# skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-mp4sr-bench}
+BIN=${BIN:-.venv/bin}
+BASE=mp4sr,sasrec,sasrec-features,mp4sr-no-pretrain
+
+bench() {  # bench OUT_DIR REPORT ARGS...: both settings in parallel, then the report over both
+  local out=$1 report=$2
+  shift 2
+  "$BIN/mp4sr-rt" benchmark --out "$out" --threads 1 --quiet --settings normal "$@" </dev/null >"$out.normal.log" 2>&1 &
+  local normal=$!
+  "$BIN/mp4sr-rt" benchmark --out "$out" --threads 1 --quiet --settings cold-start "$@" </dev/null >"$out.cold.log" 2>&1
+  wait "$normal"
+  "$BIN/mp4sr-rt" benchmark --out "$out" --quiet --report "$report" "$@" </dev/null
+}
+
+mkdir -p "$OUT"
+bench "$OUT/demo" docs/results.md --models "$BASE" --seeds 3
+"$BIN/python" benchmarks/quality_data.py "$OUT/data" | while read -r name data features; do
+  bench "$OUT/$name" "docs/results-$name.md" --models mp4sr,sasrec,sasrec-features --seeds 1 --data "$data" \
+    --features "$features"
+done
+bench "$OUT/demo" docs/results-ablations.md --models mp4sr,ids-paper,ids-no-dropout,ids-no-projection,ids-scale-1 \
+  --seeds 1
