@@ -123,9 +123,11 @@ class Scorer:
     def score(self, histories: Iterable[Sequence[ItemId]], k: int = 10,
               exclude_seen: bool = True) -> list[Recommendation]:
         """One Recommendation per history, in order. Histories hold original item ids, oldest
-        first; unknown ids are dropped (and reported), the last L known ones are used."""
-        if k < 1:
-            raise UserError(f"k must be >= 1, got {k}")
+        first; unknown ids are dropped (and reported), the last L known ones are used. A k above
+        the catalogue size returns the whole catalogue."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"k must be an integer >= 1, got {k!r}")
+        k = min(k, self.num_items)
         added = self._added
         prepared = [self._prepare(history, added) for history in histories]
         results: list[Recommendation | None] = [None] * len(prepared)

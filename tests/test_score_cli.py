@@ -201,6 +201,41 @@ def test_bad_invocations_exit_2_with_one_clear_message(args, message, tiny_artif
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_lone_surrogate_id_is_reported_as_valid_json(tiny_artifacts, tmp_path, item_ids):
+    history = tmp_path / "surrogate.json"
+    history.write_text('["\\ud800", ' + json.dumps(item_ids[0]) + ']')  # valid JSON: a lone surrogate escape
+    done = subprocess.run([sys.executable, "-m", "mp4sr_rt.cli", "score", str(history), "--artifacts",
+                           str(tiny_artifacts), "-k", "3"], capture_output=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    (result,) = json.loads(done.stdout.decode("utf-8"))
+    assert result["unknown_items"] == ["\ud800"] and len(result["items"]) == 3
+
+
+def test_closed_stdin_and_stdout_are_one_clear_error(tiny_artifacts):
+    command = [sys.executable, "-m", "mp4sr_rt.cli", "score", "-", "--artifacts", str(tiny_artifacts)]
+    done = subprocess.run(" ".join(command) + " <&-", shell=True, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 2 and "standard input is closed" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(" ".join([*command[:4], str(SAMPLE), *command[5:]]) + " >&-", shell=True,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "standard output" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_k_above_the_catalogue_returns_the_whole_catalogue(tiny_artifacts, item_ids):
+    done = run_score("-", "--artifacts", str(tiny_artifacts), "--include-seen", "-k", "9" * 23,
+                     stdin=json.dumps([item_ids[0]]))
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert sorted(result["items"]) == sorted(item_ids)
+    from mp4sr_rt.scorer import Scorer
+
+    scorer = Scorer(tiny_artifacts, backend="cpu")
+    assert len(scorer.score([[item_ids[0]]], k=10**30, exclude_seen=False)[0].items) == len(item_ids)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UserError, match="k must be an integer >= 1"):
+            scorer.score([[item_ids[0]]], k=bad)
+
+
 # -- the runtime alone -----------------------------------------------------------------------
 
 @pytest.mark.skipif(os.environ.get("MP4SR_OFFLINE") == "1",

@@ -98,6 +98,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_data_dir, tmp_path, mo
         (["--preset", "huge"], "unknown preset"),
         (["--stage", "everything"], "unknown stage"),
         (["--device", "tpu"], "unknown device"),
+        (["--epochs", "-3"], "Invalid value for '--epochs'"),
+        (["--seed", "-1"], "config train.seed: expected an integer between 0 and"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
@@ -124,6 +126,23 @@ def test_features_file_that_does_not_match_the_data(tiny_data_dir, tmp_path):
     r = run_cli("train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
                 tmp_path / "junk.safetensors", "--out", tmp_path / "run2")
     assert r.returncode == 2 and "unreadable" in r.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.finetune.epochs", -3, "train.finetune.epochs: expected an integer >= 1, got -3"),
+    ("train.pretrain.epochs", 2.5, "train.pretrain.epochs: expected an integer, got 2.5"),
+    ("train.pretrain.lr", 0.0, "train.pretrain.lr: expected a number between"),
+    ("train.tau", "0.07", "train.tau: expected a number, got '0.07'"),
+    ("train.tau", float("nan"), "train.tau: expected a number, got nan"),
+    ("train.ids.dropout", 1.0, "train.ids.dropout: expected a number between 0 and 0.99"),
+    ("train.eval_batch_size", True, "train.eval_batch_size: expected an integer, got True"),
+    ("model.d", 63, "model.d: 63 is not a multiple of n_heads (2)"),
+    ("model.dropout", -0.1, "model.dropout: expected a number between 0 and 0.99"),
+    ("data.min_interactions", 2, "data.min_interactions: expected an integer >= 3"),
+])
+def test_config_values_out_of_range_name_their_key(key, value, message):
+    with pytest.raises(config_lib.UserError, match="config " + message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.replace(preset("demo"), {key: value})
 
 
 def test_config_rejects_unknown_keys():

@@ -11,10 +11,27 @@ from mp4sr_rt.errors import UserError
 SCHEMA_VERSION = 1
 
 
+def _check(obj: Any, **ranges: tuple[float | None, float | None, bool]) -> None:
+    """Range checks of a config's numeric fields: name=(low, high, integer), bounds inclusive
+    (None: unbounded). The message names the field; `_build` prefixes where it sits."""
+    for name, (low, high, integer) in ranges.items():
+        value = getattr(obj, name)
+        kind = "an integer" if integer else "a number"
+        numeric = isinstance(value, int) or (not integer and isinstance(value, float))
+        if isinstance(value, bool) or not numeric or value != value:  # value != value: NaN
+            raise UserError(f"{name}: expected {kind}, got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise UserError(f"{name}: expected {kind} {bounds}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     max_len: int = 50  # L: histories keep their last 50 items (SPEC section 2)
     min_interactions: int = 5  # users with fewer are dropped (SPEC section 5)
+
+    def __post_init__(self) -> None:
+        _check(self, max_len=(1, None, True), min_interactions=(3, None, True))
 
 
 @dataclass(frozen=True)
@@ -34,9 +51,14 @@ class ModelConfig:
     modalities: tuple[str, ...] = ("text", "image")
 
     def __post_init__(self) -> None:
+        _check(self, d=(1, None, True), n_layers=(1, None, True), n_heads=(1, None, True), inner=(1, None, True),
+               dropout=(0, 0.99, False), adaptor_dropout=(0, 0.99, False), n_experts=(1, None, True),
+               pool_hidden=(1, None, True), max_len=(1, None, True), layer_norm_eps=(0, 1, False))
+        if self.d % self.n_heads:
+            raise UserError(f"d: {self.d} is not a multiple of n_heads ({self.n_heads})")
         names = self.modalities
         if not names or len(set(names)) < len(names) or not set(names) <= {"text", "image"}:
-            raise UserError(f"model.modalities: distinct names among text, image expected; got {names}")
+            raise UserError(f"modalities: distinct names among text, image expected; got {names}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,10 @@ class StageConfig:
     weight_decay: float = 0.0
     patience: int = 20  # early stopping on validation Recall@20, in epochs
     grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(self, epochs=(1, None, True), lr=(1e-12, 10, False), batch_size=(1, None, True),
+               weight_decay=(0, 10, False), patience=(1, None, True), grad_clip=(1e-12, None, False))
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,9 @@ class IdConfig:
     # Items without an ID row (dropped ones, and those never seen in training) get a row predicted
     # from their feature vectors rather than none (ItemIdEmbedding).
     from_features: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self, init_std=(0, 10, False), scale=(1e-6, 1e6, False), dropout=(0, 0.99, False))
 
 
 PAPER_IDS = IdConfig(scale=1.0, dropout=0.0, from_features=False)  # SPEC section 4, `--preset paper`
@@ -90,6 +119,10 @@ class TrainConfig:
     eval_batch_size: int = 1024
     seed: int = 0
     ids: IdConfig = field(default_factory=IdConfig)
+
+    def __post_init__(self) -> None:
+        _check(self, tau=(1e-6, 100, False), cmcl_weight=(0, None, False), drop_max=(0, 0.99, False),
+               mixup_max=(0, 1, False), eval_batch_size=(1, None, True), seed=(0, 2**63 - 1, True))
 
 
 @dataclass(frozen=True)
@@ -162,7 +195,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"config {where + '.' if where else ''}{e}") from None
 
 
 _NESTED = {

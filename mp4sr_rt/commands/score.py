@@ -76,7 +76,7 @@ def score(
         else result_json(e, next(recommendations))
         for e in entries
     ]
-    print("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in results) + "]")
+    write_stdout("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in results) + "]\n")
     print(f"scored {len(valid)} histories ({len(invalid)} skipped) on {scorer.backend.name} in "
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
 
@@ -98,10 +98,25 @@ def add_new_items(scorer: Scorer, path: Path) -> None:
           file=sys.stderr)
 
 
+def write_stdout(text: str) -> None:
+    """UTF-8 on stdout. A lone surrogate (valid in a JSON string, not encodable in UTF-8) is
+    written as its JSON escape: backslashreplace spells it exactly so inside a JSON string."""
+    if sys.stdout is None:
+        raise UserError("standard output is closed")
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "backslashreplace"))
+        sys.stdout.buffer.flush()
+    except (BrokenPipeError, ValueError, OSError) as e:  # ValueError: a closed file
+        raise UserError(f"cannot write the results to standard output: {e}") from None
+
+
 def read_text(history_file: str) -> str:
     """The history file's text ('-': stdin); unreadable or non-UTF-8 input is a UserError."""
     try:
         if history_file == "-":
+            if sys.stdin is None:
+                raise UserError("standard input is closed: give a history file, or pipe one into -")
             return sys.stdin.buffer.read().decode("utf-8-sig")
         return Path(history_file).read_bytes().decode("utf-8-sig")
     except OSError as e:

@@ -19,7 +19,7 @@ def train(
     out: Path = typer.Option(Path("mp4sr-out"), help="Run directory."),
     preset: str = typer.Option("demo", help="Config preset: demo, tiny or paper."),
     stage: str = typer.Option("all", help="all (pre-train then fine-tune), pretrain or finetune."),
-    epochs: int | None = typer.Option(None, help="Override the epochs of every selected stage."),
+    epochs: int | None = typer.Option(None, min=1, help="Override the epochs of every selected stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, help="Continue a killed run from its last completed epoch."),
     overwrite: bool = typer.Option(False, help="Discard an existing run in --out and start again."),
