@@ -1,4 +1,4 @@
-"""mp4sr_rt: the MP4SR serving runtime (numpy + onnxruntime, never torch) and the `mp4sr-rt` CLI.
+"""mp4sr_rt: the MP4SR serving runtime (numpy + onnxruntime, never torch, train or export).
 
     from mp4sr_rt import Scorer, MicroBatcher
     scorer = Scorer("mp4sr-out/artifacts")       # backend="auto" | "cpu" | "cuda" | "tensorrt"

@@ -14,7 +14,7 @@ import torch
 from click.testing import Result
 from typer.testing import CliRunner
 
-from mp4sr_rt.cli import app
+from mp4sr_cli import app
 from train.config import TrainConfig, preset, replace
 from train.model import M2SE, ItemFeatures
 from train.tasks import full_scores, pretrain_loss

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mp4sr_rt.cli import app
+from mp4sr_cli import app
 from mp4sr_rt.errors import ArtifactError
 from mp4sr_rt.manifest import SCHEMA, verify_artifacts
 

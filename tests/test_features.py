@@ -282,7 +282,7 @@ def test_nothing_reaches_the_network(monkeypatch, tmp_path, bert_dir, clip_confi
 def test_cli_writes_features_beside_the_data(tmp_path, tiny_data_dir, bert_dir, clip_config):
     from typer.testing import CliRunner
 
-    from mp4sr_rt.cli import app
+    from mp4sr_cli import app
 
     data = shutil.copytree(tiny_data_dir, tmp_path / "data")
     args = ["features", "--data", str(data), "--text-encoder", str(bert_dir), "--clip-model",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mp4sr_rt.cli import app
+from mp4sr_cli import app
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.raw import clip_pixels, decode_image
 from mp4sr_rt.scorer import Scorer

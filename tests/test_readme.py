@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "mp4sr_rt.cli"]
+CLI = [sys.executable, "-m", "mp4sr_cli"]
 
 
 def test_readme_opens_with_the_two_commands_and_make_has_them():

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_MODULES = (
     "mp4sr_rt", "mp4sr_rt.scorer", "mp4sr_rt.batching", "mp4sr_rt.histories", "mp4sr_rt.manifest",
     "mp4sr_rt.backends", "mp4sr_rt.backends.onnxruntime", "mp4sr_rt.backends.tensorrt",
-    "mp4sr_rt.commands.score", "mp4sr_rt.cli",
+    "mp4sr_rt.commands.score",
 )
 
 
@@ -468,3 +468,25 @@ def test_cancelled_request_is_left_out_of_its_batch():
     release.set()
     assert kept.result(timeout=5) == 20
     batcher.close()
+
+
+def test_runtime_never_imports_torch_train_or_export_at_any_depth():
+    """Static: every import statement of every module of the runtime, inside functions too."""
+    import ast
+
+    forbidden = {"torch", "train", "export", "mp4sr_cli"}
+    found = []
+    for path in sorted((ROOT / "mp4sr_rt").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in
+                  ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+                names = [str(node.args[0].value)]
+            else:
+                continue
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in forbidden]
+    assert len(list((ROOT / "mp4sr_rt").rglob("*.py"))) > 10
+    assert found == []

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from mp4sr_rt.cli import app
+from mp4sr_cli import app
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.histories import HistoryRequest, InvalidEntry, parse_histories
 
@@ -29,7 +29,7 @@ def item_ids(tiny_artifacts) -> list[str]:
 
 
 def run_score(*args: str, stdin: str | None = None, python: str = sys.executable):
-    return subprocess.run([python, "-m", "mp4sr_rt.cli", "score", *args], input=stdin,
+    return subprocess.run([python, "-m", "mp4sr_cli", "score", *args], input=stdin,
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
@@ -204,7 +204,7 @@ def test_bad_invocations_exit_2_with_one_clear_message(args, message, tiny_artif
 def test_lone_surrogate_id_is_reported_as_valid_json(tiny_artifacts, tmp_path, item_ids):
     history = tmp_path / "surrogate.json"
     history.write_text('["\\ud800", ' + json.dumps(item_ids[0]) + ']')  # valid JSON: a lone surrogate escape
-    done = subprocess.run([sys.executable, "-m", "mp4sr_rt.cli", "score", str(history), "--artifacts",
+    done = subprocess.run([sys.executable, "-m", "mp4sr_cli", "score", str(history), "--artifacts",
                            str(tiny_artifacts), "-k", "3"], capture_output=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     (result,) = json.loads(done.stdout.decode("utf-8"))
@@ -212,7 +212,7 @@ def test_lone_surrogate_id_is_reported_as_valid_json(tiny_artifacts, tmp_path, i
 
 
 def test_closed_stdin_and_stdout_are_one_clear_error(tiny_artifacts):
-    command = [sys.executable, "-m", "mp4sr_rt.cli", "score", "-", "--artifacts", str(tiny_artifacts)]
+    command = [sys.executable, "-m", "mp4sr_cli", "score", "-", "--artifacts", str(tiny_artifacts)]
     done = subprocess.run(" ".join(command) + " <&-", shell=True, capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert done.returncode == 2 and "standard input is closed" in done.stderr and "Traceback" not in done.stderr
@@ -247,7 +247,7 @@ def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, extract
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
-    for package in ("mp4sr_rt", "train", "export"):
+    for package in ("mp4sr_rt", "train", "export", "mp4sr_cli"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     # Copied, not built in place: an in-tree build would write build/ into the working tree.
     readme = ROOT / "README.md"

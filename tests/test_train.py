@@ -12,7 +12,7 @@ import pytest
 from train import config as config_lib
 from train.config import preset
 
-CLI = [sys.executable, "-m", "mp4sr_rt.cli"]
+CLI = [sys.executable, "-m", "mp4sr_cli"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

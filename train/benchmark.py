@@ -87,6 +87,7 @@ MODELS = (
              "train.ids", _PAPER_IDS),
     ablation("ids-scale-1", "ID scale 1", "train.ids.scale", 1.0),
     ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
+    ablation("ids-dropout-0.5", "ID dropout 0.5", "train.ids.dropout", 0.5),
     ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
 )
 BY_NAME = {spec.name: spec for spec in MODELS}

@@ -1,4 +1,7 @@
-"""One module per command. Heavy imports (torch, onnxruntime) happen inside the command."""
+"""The runtime's command (`score`) and the error handling every command of `mp4sr-rt` shares.
+
+The training and export commands live in train/commands.py and export/commands.py; mp4sr_cli
+assembles all of them. Heavy imports (onnxruntime) happen inside the command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mp4sr-rt export`: a trained run directory -> ONNX artifacts + manifest (docs/artifacts.md)."""
+"""The export command of `mp4sr-rt` (assembled by mp4sr_cli): a trained run directory -> ONNX
+artifacts + manifest (docs/artifacts.md). torch and the exporter are imported inside the command."""
 
 from __future__ import annotations
 

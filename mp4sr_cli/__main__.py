@@ -1,0 +1,3 @@
+from mp4sr_cli import main
+
+main()
