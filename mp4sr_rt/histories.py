@@ -45,11 +45,29 @@ class InvalidEntry:
 Entry = HistoryRequest | InvalidEntry
 
 
+class _Object(dict):
+    """A JSON object that remembers the first key it was given twice (json keeps the last)."""
+
+    duplicate: str | None = None
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object)
+
+
 def parse_histories(text: str) -> list[Entry]:
     """Every entry of a history file, in input order; raises UserError only when the text as a
     whole cannot be split into entries (not JSON, nor JSON Lines)."""
     try:
-        document = json.loads(text)
+        document = _loads(text)
     except (ValueError, RecursionError) as whole_error:
         return _parse_json_lines(text, whole_error)
     if _is_history_list(document):
@@ -66,7 +84,7 @@ def _parse_json_lines(text: str, whole_error: Exception) -> list[Entry]:
     entries = []
     for n, line in lines:
         try:
-            value = json.loads(line)
+            value = _loads(line)
         except (ValueError, RecursionError) as e:
             if not entries:
                 raise UserError(f"history file is not valid JSON: {whole_error}") from None
@@ -100,6 +118,8 @@ def _parse_entry(value: Any, position: str) -> Entry:
 
 
 def _check_object(value: dict) -> str | None:
+    if getattr(value, "duplicate", None) is not None:
+        return f"duplicate key {value.duplicate!r}"
     unknown = sorted(set(value) - set(HISTORY_KEYS))
     if unknown:
         return f"unknown key {unknown[0]!r} (expected {' and '.join(map(repr, HISTORY_KEYS))})"

@@ -211,6 +211,23 @@ def test_lone_surrogate_id_is_reported_as_valid_json(tiny_artifacts, tmp_path, i
     assert result["unknown_items"] == ["\ud800"] and len(result["items"]) == 3
 
 
+def test_duplicate_keys_are_refused_and_huge_files_not_read_to_the_end(tiny_artifacts, monkeypatch, tmp_path):
+    (entry,) = parse_histories('{"user": "a", "history": ["x"], "history": ["y"]}')
+    assert isinstance(entry, InvalidEntry) and entry.error == "duplicate key 'history'"
+    (entry,) = parse_histories('[{"history": [], "user": 1, "user": 2}]')
+    assert isinstance(entry, InvalidEntry) and entry.error == "duplicate key 'user'"
+    from mp4sr_rt.commands import score as score_command
+
+    monkeypatch.setattr(score_command, "MAX_HISTORY_BYTES", 1000)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([["item00001"]] * 200))
+    result = CliRunner().invoke(app, ["score", str(big), "--artifacts", str(tiny_artifacts)])
+    assert result.exit_code == 2 and "larger than the limit of 1,000 bytes" in result.stderr
+    done = subprocess.run(f"{sys.executable} -m mp4sr_cli score /dev/zero --artifacts {tiny_artifacts}", shell=True,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "larger than the limit of 268,435,456 bytes" in done.stderr
+
+
 def test_closed_stdin_and_stdout_are_one_clear_error(tiny_artifacts):
     command = [sys.executable, "-m", "mp4sr_cli", "score", "-", "--artifacts", str(tiny_artifacts)]
     done = subprocess.run(" ".join(command) + " <&-", shell=True, capture_output=True, text=True, cwd=ROOT,

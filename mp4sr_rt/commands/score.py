@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mp4sr_rt.scorer import Recommendation, Scorer
 
 MAX_LISTED = 5  # invalid entries named in the error message; the rest are counted
+MAX_HISTORY_BYTES = 256 * 2**20  # a history file larger than this is refused, not read to the end
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 
 
@@ -117,8 +118,14 @@ def read_text(history_file: str) -> str:
         if history_file == "-":
             if sys.stdin is None:
                 raise UserError("standard input is closed: give a history file, or pipe one into -")
-            return sys.stdin.buffer.read().decode("utf-8-sig")
-        return Path(history_file).read_bytes().decode("utf-8-sig")
+            data = sys.stdin.buffer.read(MAX_HISTORY_BYTES + 1)
+        else:
+            with open(history_file, "rb") as f:
+                data = f.read(MAX_HISTORY_BYTES + 1)
+        if len(data) > MAX_HISTORY_BYTES:
+            raise UserError(f"history file {history_file} is larger than the limit of {MAX_HISTORY_BYTES:,} bytes; "
+                            "split it into several files")
+        return data.decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"cannot read history file {history_file}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
