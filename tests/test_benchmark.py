@@ -59,6 +59,7 @@ def test_report_has_a_table_per_setting_and_a_chart(bench):
     assert "## Normal setting" in report and "## Cold-start setting" in report
     assert "SASRec (item IDs only) — cannot score unseen items" in report
     assert "Shortened schedule" in report
+    assert "these figures are not used to rank the models" in report and "MP4SR against" not in report
     assert "--epochs 1" in report
     assert (out / "results.png").stat().st_size > 1000
 
@@ -173,3 +174,23 @@ def test_unknown_setting_is_one_clear_error(tiny_data_dir, tmp_path):
     result = run_benchmark_cli(tiny_data_dir, tmp_path / "bench", "--settings", "warm")
     assert result.exit_code != 0
     assert "--settings: unknown warm" in result.stderr
+
+
+def test_findings_compare_mp4sr_with_each_baseline_by_the_spread():
+    from train.benchmark import BY_NAME, _findings
+
+    def stats(value: float, std: float) -> dict:
+        return {m: (value, std) for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}
+
+    summary = {("normal", "mp4sr"): stats(0.30, 0.01), ("normal", "sasrec"): stats(0.25, 0.01),
+               ("normal", "sasrec-features"): stats(0.295, 0.01), ("normal", "popularity"): stats(0.05, 0.0),
+               ("normal", "no-cmcl"): stats(0.31, 0.0)}
+    models = tuple(BY_NAME[n] for n in ("mp4sr", "popularity", "sasrec", "sasrec-features", "no-cmcl"))
+    lines = _findings(summary, "normal", models, shortened=False)
+    assert lines[0].startswith("- MP4SR against SASRec (item IDs only): recall@10 0.3000 vs 0.2500 (1.20x, "
+                               "ahead by more than one standard deviation)")
+    assert "ndcg@20 0.3000 vs 0.2950 (1.02x, within one standard deviation)" in lines[1]
+    assert lines[2].startswith("- MP4SR, no CMCL (lambda = 0) is not behind the default MP4SR")
+    assert len(lines) == 3  # popularity is no comparison worth a line
+    assert _findings(summary, "normal", models, shortened=True) == [
+        "- Shortened schedule: these figures are not used to rank the models."]
