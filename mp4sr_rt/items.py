@@ -89,11 +89,15 @@ def where(path: Path, at: int | str) -> str:
 
 
 def parse_id(value: Any, field: str, path: Path, at: int | str) -> str:
-    """An id field as text: a string or a number, not empty."""
+    """An id field as text: a string or an integral number (3.0 reads as "3"), not empty."""
     if value is None:
         raise UserError(f"{where(path, at)}: {field} is missing")
     if isinstance(value, (bool, dict, list)):
         raise UserError(f"{where(path, at)}: {field} must be a string or number, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN, infinities and fractions name no item
+            raise UserError(f"{where(path, at)}: {field} must be a string or an integer, got {value!r}")
+        value = int(value)
     text = str(value).strip()
     if not text:
         raise UserError(f"{where(path, at)}: {field} is empty")

@@ -157,6 +157,8 @@ def test_score_with_new_items_from_an_items_file(extractor_artifacts, tiny_data_
     ([{"title": "x"}], "line 1: missing field 'item_id'"),
     ([{"item_id": "a", "images": ["missing.png"]}], "missing.png cannot be read"),
     ([], "no items"),
+    ([{"item_id": 1.5, "title": "x"}], "item_id must be a string or an integer, got 1.5"),
+    ([{"item_id": float("nan"), "title": "x"}], "item_id must be a string or an integer, got nan"),
 ])
 def test_score_refuses_bad_new_items(extractor_artifacts, tmp_path, lines, message):
     (tmp_path / "new.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
