@@ -186,3 +186,14 @@ def test_paper_preset_keeps_the_paper_id_embedding_and_old_checkpoints_load_as_s
     save_file(tensors, str(old / "model.safetensors"))
     ckpt = load_checkpoint(old)
     assert ckpt.cfg.train.ids == config_lib.PAPER_IDS and ckpt.id_emb.project is None
+
+
+def test_data_without_enough_users_fails_before_features_or_out_are_made(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu2,a,3\n")
+    (data / "items.jsonl").write_text('{"item_id": "a", "title": "A red tent"}\n')
+    r = run_cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "no user has at least 5 interactions" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["interactions.csv", "items.jsonl"]  # no features written

@@ -36,14 +36,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto",
-                   progress: bool = True) -> tuple[Path, Path]:
-    """Data and features paths. No data: the built-in demo dataset. No features: extract them from
-    the items' text and images (the file `mp4sr-rt features --data DATA` writes; its vector cache
-    makes a rerun cheap)."""
+def resolve_data(data: Path | None) -> Path:
+    """The dataset path; None: the built-in demo dataset (written on first use)."""
     data = generate_demo(default_demo_dir()) if data is None else Path(data).expanduser()
     if not data.exists():
         raise UserError(f"data not found: {data}")
+    return data
+
+
+def resolve_features(data: Path, features: Path | None, device: str = "auto", progress: bool = True) -> Path:
+    """The features file; None: extract them from the items' text and images (the file
+    `mp4sr-rt features --data DATA` writes; its vector cache makes a rerun cheap)."""
     if features is None:
         from train.data import read_dataset
         from train.features.extract import default_features_path, extract_features
@@ -52,7 +55,14 @@ def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto
         if not any(info.sentences or info.images for info in raw.item_info.values()):
             raise UserError(f"--features is required: {data} has no item text or images to extract features from")
         features = extract_features(raw, default_features_path(data), device=device, progress=progress)
-    return data, Path(features)
+    return Path(features)
+
+
+def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto",
+                   progress: bool = True) -> tuple[Path, Path]:
+    """`resolve_data`, then `resolve_features` for it."""
+    data = resolve_data(data)
+    return data, resolve_features(data, features, device, progress)
 
 
 def features_digest(feats: ItemFeatures) -> str:
@@ -85,10 +95,12 @@ def train(
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dev = resolve_device(device)
     torch.manual_seed(cfg.train.seed)
-    data_path, features_path = resolve_inputs(data, features, device, progress)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    data_path = resolve_data(data)
+    # The split first: data with too few users fails here, before feature extraction or --out is made.
     split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
+    features_path = resolve_features(data_path, features, device, progress)
+    out.mkdir(parents=True, exist_ok=True)
     feats, feat_meta = load_item_features(features_path, split, dev)
     features_sha = features_digest(feats)
     check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
