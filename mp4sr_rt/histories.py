@@ -1,8 +1,9 @@
 """History files for `mp4sr-rt score`: parsing and validation, entry by entry.
 
-    requests, problems = parse_histories('[["item00001", "item00002"], {"user": 7, "history": []}]')
-    requests[0].items   # ["item00001", "item00002"]
-    requests[1].user    # 7
+    entries = parse_histories('[["item00001", "item00002"], {"user": 7, "history": []}, 5]')
+    entries[0].items    # ("item00001", "item00002"): a HistoryRequest
+    entries[1].user     # 7
+    entries[2].error    # "expected a list of item ids or an object, got integer 5": an InvalidEntry
 
 Accepted forms (docs: examples/history.json):
 - one history: a list of item ids, or {"user": ..., "history": [...]};

@@ -197,3 +197,16 @@ def test_data_without_enough_users_fails_before_features_or_out_are_made(tmp_pat
     assert r.returncode == 2 and "no user has at least 5 interactions" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
     assert sorted(p.name for p in data.iterdir()) == ["interactions.csv", "items.jsonl"]  # no features written
+
+
+def test_a_loaded_checkpoint_saved_again_records_its_own_hash(tiny_run, tmp_path):
+    from train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "checkpoint")
+    ckpt.meta["model_sha256"] = "stale"
+    save_checkpoint(tmp_path / "again", ckpt)
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    from mp4sr_rt.manifest import file_sha256
+
+    assert again["model_sha256"] == file_sha256(tmp_path / "again" / "model.safetensors") != "stale"
+    assert load_checkpoint(tmp_path / "again").item_ids == ckpt.item_ids

@@ -58,14 +58,14 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
     atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
     z = {"z": ckpt.z.detach().cpu().contiguous()}
     atomic_write(directory / "items.safetensors", lambda p: save_file(z, str(p)))
-    sidecar = {
+    sidecar = {  # the computed keys last: a loaded checkpoint's meta holds stale copies of them
+        **ckpt.meta,
         "schema": SCHEMA,
         "config": config_lib.to_dict(ckpt.cfg),
         "feat_dim": ckpt.model.feat_dim,
         "num_items": len(ckpt.item_ids),
         "has_id_embedding": ckpt.id_emb is not None,
         "model_sha256": file_sha256(directory / "model.safetensors"),
-        **ckpt.meta,
     }
     write_json_atomic(directory / "config.json", sidecar)
 

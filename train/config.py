@@ -8,8 +8,6 @@ from typing import Any
 
 from mp4sr_rt.errors import UserError
 
-SCHEMA_VERSION = 1
-
 
 def _check(obj: Any, **ranges: tuple[float | None, float | None, bool]) -> None:
     """Range checks of a config's numeric fields: name=(low, high, integer), bounds inclusive
