@@ -177,7 +177,8 @@ def test_unknown_setting_is_one_clear_error(tiny_data_dir, tmp_path):
 
 
 def test_findings_compare_mp4sr_with_each_baseline_by_the_spread():
-    from train.benchmark import BY_NAME, _findings
+    from train.benchmark import BY_NAME
+    from train.report import _findings
 
     def stats(value: float, std: float) -> dict:
         return {m: (value, std) for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}

@@ -118,7 +118,8 @@ def benchmark(
     import torch
 
     from train import config as config_lib
-    from train.benchmark import BenchmarkOptions, run_benchmark, select_models, select_settings, write_report
+    from train.benchmark import BenchmarkOptions, run_benchmark, select_models, select_settings
+    from train.report import write_report
 
     if threads is not None:
         torch.set_num_threads(threads)
