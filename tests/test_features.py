@@ -291,7 +291,9 @@ def test_cli_writes_features_beside_the_data(tmp_path, tiny_data_dir, bert_dir, 
     assert result.exit_code == 0, result.output
     out = Path(result.stdout.strip())
     assert out.is_file()
-    assert out == default_features_path(data, text_encoder=str(bert_dir), clip_model=str(clip_config))
+    assert out == default_features_path(data, text_encoder=str(bert_dir), clip_model=str(clip_config),
+                                        cache_dir=tmp_path / "cache")
+    assert out.is_relative_to(tmp_path / "cache") and not out.is_relative_to(data)  # never in the data
     assert "randomly initialised" in result.stderr and "images used" in result.stderr
 
     bad = CliRunner().invoke(app, [*args[:3], "--text-encoder", str(tmp_path / "nope")])

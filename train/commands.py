@@ -49,8 +49,8 @@ def features(
         "Dataset with item text/images (items.jsonl, RecBole .item or Amazon meta). "
         "Default: the built-in demo dataset."))] = None,
     out: Annotated[Path | None, typer.Option(help=(
-        "Features file to write. Default: <data dir>/features-<hash of the settings>.safetensors "
-        "(one file per settings)."))] = None,
+        "Features file to write. Default: <cache dir>/extracted/<data dir name>-<hash of its path>-<hash of "
+        "the settings>.safetensors: one file per dataset and settings, never inside the data directory."))] = None,
     text_encoder: Annotated[str | None, typer.Option(help=(
         "Hugging Face checkpoint directory, or a name already in the local HF cache. "
         "Default: the bundled all-MiniLM-L6-v2 (384-d)."))] = None,
@@ -82,7 +82,7 @@ def features(
         "text_encoder": text_encoder, "text_pooling": text_pooling, "clip_model": clip_model,
         "clip_weights": clip_weights, "image_tokens": image_tokens,
     }
-    out = out or default_features_path(Path(data).expanduser(), **settings)
+    out = out or default_features_path(Path(data).expanduser(), **settings, cache_dir=cache_dir)
     path = extract_features(raw, out, batch_size=batch_size, device=device, cache_dir=cache_dir,
                             progress=not quiet, **settings)
     print(path)

@@ -170,17 +170,22 @@ def extract(
 def default_features_path(
     data: Path, *, text_encoder: str | None = None, text_pooling: str = "auto",
     clip_model: str = "ViT-B-32", clip_weights: Path | None = None, image_tokens: int = 15,
+    cache_dir: Path | None = None,
 ) -> Path:
-    """``<data dir>/features-<8 hex digits of the settings>.safetensors``.
+    """``<cache>/extracted/<data dir name>-<8 hex of its path>-<8 hex of the settings>.safetensors``
+    (cache: `cache_dir`, by default `default_cache_dir()`), never inside the user's data, which
+    may be read-only or shared.
 
-    One file per settings, so switching encoders never overwrites another run's features; the
-    same settings rewrite the same file when the data changes (the cache keeps that cheap).
-    The defaults are `extract_features`'s, so `mp4sr-rt train` finds what `features` wrote.
+    One file per dataset and settings, so switching encoders never overwrites another run's
+    features; the same settings rewrite the same file when the data changes (the vector cache
+    keeps that cheap). The defaults are `extract_features`'s, so `mp4sr-rt train` finds what
+    `features` wrote.
     """
     settings = [text_encoder, text_pooling, clip_model,
                 str(Path(clip_weights).resolve()) if clip_weights else None, image_tokens]
-    directory = data if data.is_dir() else data.parent
-    return directory / f"features-{content_key(json.dumps(settings))[:8]}.safetensors"
+    directory = (data if data.is_dir() else data.parent).resolve()
+    name = f"{directory.name}-{content_key(str(directory))[:8]}-{content_key(json.dumps(settings))[:8]}"
+    return Path(cache_dir or default_cache_dir()) / "extracted" / f"{name}.safetensors"
 
 
 def _embed(text: TextEncoder, rows: list[list[str]], cache: FeatureCache, batch_size: int,
