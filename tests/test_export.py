@@ -293,10 +293,14 @@ def ort_headers() -> Path | None:
     return None
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
-@pytest.mark.skipif(ort_headers() is None,
+REQUIRE_CPP = os.environ.get("MP4SR_REQUIRE_CPP") == "1"  # CI: a missing compiler or header fails
+
+
+@pytest.mark.skipif(not REQUIRE_CPP and shutil.which("g++") is None, reason="no g++")
+@pytest.mark.skipif(not REQUIRE_CPP and ort_headers() is None,
                     reason="no onnxruntime C/C++ headers: run examples/cpp/fetch_ort_headers.sh")
 def test_cpp_example_scores_like_python(exported, tiny_run, tmp_path):
+    assert ort_headers() is not None, "no onnxruntime C/C++ headers: examples/cpp/fetch_ort_headers.sh failed"
     import onnxruntime as ort
 
     out, _, manifest = exported
