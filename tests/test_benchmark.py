@@ -193,5 +193,7 @@ def test_findings_compare_mp4sr_with_each_baseline_by_the_spread():
     assert "ndcg@20 0.3000 vs 0.2950 (1.02x, within one standard deviation)" in lines[1]
     assert lines[2].startswith("- MP4SR, no CMCL (lambda = 0) is not behind the default MP4SR")
     assert len(lines) == 3  # popularity is no comparison worth a line
+    one_seed = _findings(summary, "normal", models, shortened=False, seeds=1)
+    assert "recall@10 0.3000 vs 0.2500 (1.20x, one seed: no spread measured)" in one_seed[0]
     assert _findings(summary, "normal", models, shortened=True) == [
         "- Shortened schedule: these figures are not used to rank the models."]

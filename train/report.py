@@ -32,8 +32,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     return summary
 
 
-def _cell(stat: tuple[float, float], digits: int = 4, bold: bool = False) -> str:
-    text = f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+def _cell(stat: tuple[float, float], digits: int = 4, bold: bool = False, spread: bool = True) -> str:
+    text = f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}" if spread else f"{stat[0]:.{digits}f}"
     return f"**{text}**" if bold else text
 
 
@@ -55,9 +55,10 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def _findings(summary, setting: str, models: tuple[ModelSpec, ...], shortened: bool) -> list[str]:
+def _findings(summary, setting: str, models: tuple[ModelSpec, ...], shortened: bool, seeds: int = 2) -> list[str]:
     """Plain statements: MP4SR against each baseline, metric by metric, and the ablations that are
-    not behind it. None for a shortened schedule, whose figures must not rank models."""
+    not behind it. None for a shortened schedule, whose figures must not rank models; with one
+    seed there is no spread to weigh a gap against, and the statements say so."""
     mp4sr = summary.get((setting, "mp4sr"))
     if mp4sr is None:
         return []
@@ -67,7 +68,9 @@ def _findings(summary, setting: str, models: tuple[ModelSpec, ...], shortened: b
     def versus(name: str, metric: str) -> str:
         mine, theirs = mp4sr[metric], summary[(setting, name)][metric]
         ratio = f"{mine[0] / theirs[0]:.2f}x" if theirs[0] > 0 else "the baseline scores 0"
-        if abs(mine[0] - theirs[0]) <= max(mine[1], theirs[1]):
+        if seeds < 2:
+            verdict = "one seed: no spread measured"
+        elif abs(mine[0] - theirs[0]) <= max(mine[1], theirs[1]):
             verdict = "within one standard deviation"
         else:
             verdict = "ahead by more than one standard deviation" if mine[0] > theirs[0] else "behind"
@@ -88,7 +91,7 @@ def _within(a: tuple[float, float], b: tuple[float, float]) -> str:
     return ", within one standard deviation" if abs(a[0] - b[0]) <= max(a[1], b[1]) else ""
 
 
-def _table(summary, setting: str, models: tuple[ModelSpec, ...]) -> list[str]:
+def _table(summary, setting: str, models: tuple[ModelSpec, ...], spread: bool = True) -> list[str]:
     header = ["Model", "Role", "Recall@10", "Recall@20", "NDCG@10", "NDCG@20", "Epochs", "Training time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {m: max(summary[(setting, spec.name)][m][0] for spec in models) for m in METRICS}
@@ -97,9 +100,9 @@ def _table(summary, setting: str, models: tuple[ModelSpec, ...]) -> list[str]:
         label = spec.label
         if setting == "cold-start" and spec.id_only:
             label += " — cannot score unseen items"
-        cells = [_cell(stats[m], bold=stats[m][0] == best[m]) for m in METRICS]
+        cells = [_cell(stats[m], bold=stats[m][0] == best[m], spread=spread) for m in METRICS]
         lines.append(f"| {label} | {spec.role} | " + " | ".join(cells)
-                     + f" | {_cell(stats['epochs'], 1)} | {_cell(stats['seconds'], 1)} |")
+                     + f" | {_cell(stats['epochs'], 1, spread=spread)} | {_cell(stats['seconds'], 1, spread=spread)} |")
     return lines
 
 
@@ -119,8 +122,10 @@ def write_report(result: BenchmarkResult, options: BenchmarkOptions, path: Path,
         f"- Data: {inputs_desc} ({result.inputs}); leave-one-out split, full ranking over all items "
         "(SPEC section 5).",
         f"- Preset `{cfg.preset}`: {_schedule(cfg, models)}.",
-        f"- Seeds {', '.join(map(str, options.seeds))}: each cell is the mean ± standard deviation over the seeds "
-        "of the test metric at the best validation epoch (Recall@20).",
+        (f"- Seeds {', '.join(map(str, options.seeds))}: each cell is the mean ± standard deviation over the seeds "
+         "of the test metric at the best validation epoch (Recall@20)." if len(options.seeds) > 1 else
+         f"- **One seed** ({options.seeds[0]}): each cell is the test metric at the best validation epoch "
+         "(Recall@20); with no spread measured, gaps between models are indicative only."),
         *_setting_notes(options, normal_users, cold_users),
         "- Epochs: pre-training plus fine-tuning epochs run until early stopping (or the preset's maximum). "
         "Training time: wall-clock seconds of those epochs with their validation passes, on "
@@ -136,8 +141,10 @@ def write_report(result: BenchmarkResult, options: BenchmarkOptions, path: Path,
         f"![Recall@20 and NDCG@20 per model, error bars one standard deviation]({path.with_suffix('.png').name})",
     ]
     for setting in options.settings:
-        lines += ["", f"## {setting.capitalize()} setting", "", *_table(summary, setting, models)]
-        findings = _findings(summary, setting, models, shortened="Shortened schedule" in _schedule(cfg, models))
+        several = len(options.seeds) > 1
+        lines += ["", f"## {setting.capitalize()} setting", "", *_table(summary, setting, models, spread=several)]
+        findings = _findings(summary, setting, models, shortened="Shortened schedule" in _schedule(cfg, models),
+                             seeds=len(options.seeds))
         if findings:
             lines += ["", "Findings:", "", *findings]
     write_text_atomic(path, "\n".join(lines) + "\n")
