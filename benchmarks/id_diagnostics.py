@@ -3,8 +3,8 @@ vectors, and how items without a trained ID row (cold-start items) fare against 
 
     python benchmarks/id_diagnostics.py mp4sr-bench/demo --models mp4sr,ids-paper --seed 0
 
-Reads finished `mp4sr-rt benchmark` runs (the demo data, or --data / --features as the benchmark
-had them) and prints one JSON line per setting and model:
+Reads finished `mp4sr-rt benchmark` runs (those with a metrics.json; the demo data, or --data and
+--features as the benchmark had them) and prints one JSON line per setting and model:
     z_norm, id_norm          mean row norm of the feature part z (both modalities) and of the ID
                              rows of trained items (scale included)
     predicted_id_norm        mean norm of the rows predicted from features for untrained items
@@ -85,7 +85,7 @@ def main() -> None:
     inputs = load_inputs(options)
     for setting in ("normal", "cold-start"):
         for name in args.models.split(","):
-            if (args.out / setting / name / f"seed-{args.seed}" / "stages" / "finetune" / "best.safetensors").is_file():
+            if (args.out / setting / name / f"seed-{args.seed}" / "metrics.json").is_file():  # finished runs only
                 print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options)), flush=True)
 
 
