@@ -27,8 +27,9 @@ bench() {  # bench OUT_DIR REPORT ARGS...: both settings in parallel, then the r
 mkdir -p "$OUT"
 bench "$OUT/demo" docs/results.md --models "$BASE" --seeds 3
 "$BIN/python" benchmarks/quality_data.py "$OUT/data" | while read -r name data features; do
-  bench "$OUT/$name" "docs/results-$name.md" --models mp4sr,sasrec,sasrec-features --seeds 1 --data "$data" \
-    --features "$features"
+  models=mp4sr,sasrec,sasrec-features
+  [ "$name" = text-only ] && models=$models,pretrain-absent  # the absent-modality handling, on and off
+  bench "$OUT/$name" "docs/results-$name.md" --models "$models" --seeds 1 --data "$data" --features "$features"
 done
-bench "$OUT/demo" docs/results-ablations.md --models mp4sr,ids-paper,ids-no-dropout,ids-no-projection,ids-scale-1 \
-  --seeds 1
+bench "$OUT/demo" docs/results-ablations.md --seeds 1 \
+  --models mp4sr,ids-paper,ids-scale-1,ids-no-dropout,ids-dropout-0.5,ids-no-projection
