@@ -212,7 +212,8 @@ class M2SE(nn.Module):
 
 
 class ItemIdEmbedding(nn.Module):
-    """Fine-tuning's item-ID embedding, N(0, init_std); only items seen in training have a row.
+    """Fine-tuning's item-ID embedding: rows `scale * weight`, weight N(0, init_std); only items
+    seen in training have a trained row.
 
     An item without a trained row (never seen in training, or dropped in this step: see
     `finetune_loss`) gets zero, as in the paper, or with `from_features` an ID-like row predicted
