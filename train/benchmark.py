@@ -59,11 +59,9 @@ class ModelSpec:
     id_only: bool = False  # cannot score items unseen in training
 
 
-def ablation(name: str, label: str, key: str, value: Any, **more: Any) -> ModelSpec:
-    """MP4SR, pre-trained and fine-tuned, with config values changed (`more`: further dotted keys
-    with their dots written as double underscores)."""
-    overrides = {key: value, **{k.replace("__", "."): v for k, v in more.items()}}
-    return ModelSpec(name, f"MP4SR, {label}", "ablation", pretrain=True, overrides=overrides)
+def ablation(name: str, label: str, key: str, value: Any) -> ModelSpec:
+    """MP4SR, pre-trained and fine-tuned, with one config value changed."""
+    return ModelSpec(name, f"MP4SR, {label}", "ablation", pretrain=True, overrides={key: value})
 
 
 _PAPER_IDS = dataclasses.asdict(config_lib.PAPER_IDS)
