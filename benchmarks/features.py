@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from train.data import default_demo_dir, generate_demo, read_dataset
-from train.data.types import RawData
-from train.features.cache import FeatureCache
-from train.features.extract import extract
-from train.features.image import Clip
-from train.features.text import TextEncoder
-from train.loop import resolve_device
+from mp4sr_train.data import default_demo_dir, generate_demo, read_dataset
+from mp4sr_train.data.types import RawData
+from mp4sr_train.features.cache import FeatureCache
+from mp4sr_train.features.extract import extract
+from mp4sr_train.features.image import Clip
+from mp4sr_train.features.text import TextEncoder
+from mp4sr_train.loop import resolve_device
 
 
 def first_items(raw: RawData, n: int) -> RawData:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mp4sr_train import config as config_lib
+from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, build_model, full_catalogue_ids, load_inputs, setting_data
+from mp4sr_train.checkpoint import load_state
+from mp4sr_train.metrics import metrics_from_ranks, target_ranks
+from mp4sr_train.model import ItemIdEmbedding
+from mp4sr_train.tasks import full_scores
 from safetensors.torch import load_file
-
-from train import config as config_lib
-from train.benchmark import BY_NAME, BenchmarkOptions, build_model, full_catalogue_ids, load_inputs, setting_data
-from train.checkpoint import load_state
-from train.metrics import metrics_from_ranks, target_ranks
-from train.model import ItemIdEmbedding
-from train.tasks import full_scores
 
 
 @torch.inference_mode()

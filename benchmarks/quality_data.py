@@ -19,8 +19,8 @@ import json
 import shutil
 from pathlib import Path
 
-from train.data import default_demo_dir, demo_features, generate_demo, read_dataset
-from train.features.extract import extract_features
+from mp4sr_train.data import default_demo_dir, demo_features, generate_demo, read_dataset
+from mp4sr_train.features.extract import extract_features
 
 
 def small_latent(out: Path) -> tuple[Path, Path]:

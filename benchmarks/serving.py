@@ -41,17 +41,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from export.onnx import serving_inputs  # noqa: E402
-from export.run import export  # noqa: E402
-from export.wrappers import Scorer as ScorerModule  # noqa: E402
+from mp4sr_export.onnx import serving_inputs  # noqa: E402
+from mp4sr_export.run import export  # noqa: E402
+from mp4sr_export.wrappers import Scorer as ScorerModule  # noqa: E402
+from mp4sr_train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from mp4sr_train.config import preset  # noqa: E402
+from mp4sr_train.model import M2SE, user_vector  # noqa: E402
+
 from mp4sr_rt.backends import BackendUnavailable  # noqa: E402
 from mp4sr_rt.batching import MicroBatcher  # noqa: E402
 from mp4sr_rt.errors import UserError  # noqa: E402
 from mp4sr_rt.manifest import MANIFEST  # noqa: E402
 from mp4sr_rt.scorer import SCORE_BUDGET, Scorer  # noqa: E402
-from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from train.config import preset  # noqa: E402
-from train.model import M2SE, user_vector  # noqa: E402
 
 K = 10
 DEMO_FEAT_DIM = 64  # feature size of an untrained demo-shape model (only the item tower sees it)

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from train.config import preset
-from train.data import default_demo_dir, demo_features, generate_demo, load_or_preprocess
-from train.loop import _batches, resolve_device
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding
-from train.run import load_item_features
-from train.tasks import finetune_loss, nip_loss, pretrain_loss
+from mp4sr_train.config import preset
+from mp4sr_train.data import default_demo_dir, demo_features, generate_demo, load_or_preprocess
+from mp4sr_train.loop import _batches, resolve_device
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from mp4sr_train.run import load_item_features
+from mp4sr_train.tasks import finetune_loss, nip_loss, pretrain_loss
 
 
 def reference_style_loss(model: M2SE, feats: ItemFeatures, ids, targets, tau: float):

@@ -30,7 +30,7 @@ def export(
              "whose top k the int8 error bound cannot certify."),
 ) -> None:
     """Export the run's model to ONNX behind a parity gate; prints a JSON summary on stdout."""
-    from export.run import export as run_export
+    from mp4sr_export.run import export as run_export
 
     manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton, topk_block, int8_scan)
     out = out if out is not None else run_dir / "artifacts"

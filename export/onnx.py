@@ -16,12 +16,11 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
+from mp4sr_export.wrappers import HistoryEncoder, ImageEncoder, ItemTower, Scorer, SentenceEncoder
+from mp4sr_train.checkpoint import Checkpoint
+from mp4sr_train.model import with_ids
 from torch import Tensor, nn
 from torch.export import Dim
-
-from export.wrappers import HistoryEncoder, ImageEncoder, ItemTower, Scorer, SentenceEncoder
-from train.checkpoint import Checkpoint
-from train.model import with_ids
 
 # The dynamo exporter's native opset (older ones go through a version converter); onnxruntime
 # >= 1.14 and TensorRT >= 8.6 read it.

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mp4sr_export.onnx import serving_inputs
+from mp4sr_train.checkpoint import Checkpoint
+from mp4sr_train.model import ItemFeatures, candidates, score, serving_table, untrained_inputs, user_vector
 
-from export.onnx import serving_inputs
 from mp4sr_rt.errors import UserError
-from train.checkpoint import Checkpoint
-from train.model import ItemFeatures, candidates, score, serving_table, untrained_inputs, user_vector
 
 FP32_MAX_ABS = 1e-4  # fp32: max |difference| of any score / vector component ...
 FP32_TOP10 = 1.0  # ... and identical top-10 sets

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-
-from export import parity, tensorrt, triton
-from export.int8_scan import with_int8_scan
-from export.onnx import (
+from mp4sr_export import parity, tensorrt, triton
+from mp4sr_export.int8_scan import with_int8_scan
+from mp4sr_export.onnx import (
     OPSET,
     convert_fp16,
     describe,
@@ -35,10 +34,11 @@ from export.onnx import (
     model_specs,
     serving_inputs,
 )
+from mp4sr_train.checkpoint import Checkpoint, load_checkpoint
+from mp4sr_train.model import serving_table
+
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.manifest import MANIFEST, SCHEMA, file_sha256, hash_files
-from train.checkpoint import Checkpoint, load_checkpoint
-from train.model import serving_table
 
 EXTRACTORS = ("text_encoder", "image_encoder")
 CERTIFIED_NOTE = 0.95  # an int8 scan certifying fewer histories than this gets a note
@@ -209,7 +209,7 @@ def load_extractors(ckpt: Checkpoint) -> tuple[Any, Any, list[str] | None]:
 
 
 def load_text_encoder(features: dict, feat_dim: int):
-    from train.features.text import DEFAULT_ENCODER, TextEncoder
+    from mp4sr_train.features.text import DEFAULT_ENCODER, TextEncoder
 
     name = None if features["encoder"] == DEFAULT_ENCODER else features["encoder"]
     text = TextEncoder.load(name, "cpu", features.get("text_pooling", "auto").split("+")[0])
@@ -219,8 +219,8 @@ def load_text_encoder(features: dict, feat_dim: int):
 
 
 def load_clip(features: dict, data: str | None):
-    from train.data import read_dataset
-    from train.features.image import Clip, build_vocabulary
+    from mp4sr_train.data import read_dataset
+    from mp4sr_train.features.image import Clip, build_vocabulary
 
     weights = json.loads(features.get("clip_weights", "null"))
     clip = Clip.load(features["clip_model"], Path(weights["path"]) if weights else None)
@@ -249,8 +249,8 @@ def write_extractor_files(text, clip, vocabulary: list[str] | None, features: di
     }}
     if clip is None:
         return preprocessing
-    from train.features.extract import MAX_IMAGES
-    from train.features.image import PROMPT
+    from mp4sr_train.features.extract import MAX_IMAGES
+    from mp4sr_train.features.image import PROMPT
 
     words = np.concatenate([clip.encode_words(vocabulary[i:i + 256]) for i in range(0, len(vocabulary), 256)])
     np.save(staging / "clip_words.npy", words.astype(np.float32))  # (W, D) unit rows

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, untrained_inputs
 from torch import Tensor, nn
-
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding, untrained_inputs
 
 
 def _concat_normalized(text: Tensor, image: Tensor) -> Tensor:

@@ -12,10 +12,10 @@ that knows all three. Every command imports its heavy dependencies inside itself
 from __future__ import annotations
 
 import typer
+from mp4sr_export import commands as export_commands
+from mp4sr_train import commands as train_commands
 
-from export import commands as export_commands
 from mp4sr_rt.commands import score as score_command
-from train import commands as train_commands
 
 app = typer.Typer(
     add_completion=False,

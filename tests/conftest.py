@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    from train.data import demo_features, generate_demo
+    from mp4sr_train.data import demo_features, generate_demo
 
     out = generate_demo(tmp_path_factory.mktemp("demo") / "data", n_items=60, n_users=120, seed=0)
     demo_features(out, out / "features.safetensors", dim=12)
@@ -27,8 +27,8 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data_dir, tmp_path_factory) -> Path:
     """A trained tiny run directory (pre-training + fine-tuning, 2 epochs each)."""
-    from train.config import preset
-    from train.run import train
+    from mp4sr_train.config import preset
+    from mp4sr_train.run import train
 
     out = tmp_path_factory.mktemp("run") / "run"
     train(preset("tiny"), tiny_data_dir, tiny_data_dir / "features.safetensors", out, progress=False)
@@ -41,7 +41,7 @@ ARTIFACTS_TOP_K = 20  # < the 60 tiny items, so excluding seen items can exhaust
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_run, tmp_path_factory) -> Path:
     """The tiny run exported once per session."""
-    from export.run import export
+    from mp4sr_export.run import export
 
     out = tmp_path_factory.mktemp("artifacts") / "artifacts"
     export(tiny_run, out, top_k=ARTIFACTS_TOP_K)
@@ -60,14 +60,13 @@ def extractor_run(tiny_run, tiny_data_dir, tmp_path_factory) -> Path:
     """The tiny run, its features re-described as made by `mp4sr-rt features` with a tiny BERT
     (12-d, like the run's features) and a tiny CLIP: what the export reads to find the extractors."""
     import torch
+    from mp4sr_train.data import read_dataset
+    from mp4sr_train.features.cache import FeatureCache
+    from mp4sr_train.features.extract import extract
+    from mp4sr_train.features.image import Clip
+    from mp4sr_train.features.store import read_features
+    from mp4sr_train.features.text import TextEncoder, resolve_checkpoint
     from transformers import BertConfig, BertModel
-
-    from train.data import read_dataset
-    from train.features.cache import FeatureCache
-    from train.features.extract import extract
-    from train.features.image import Clip
-    from train.features.store import read_features
-    from train.features.text import TextEncoder, resolve_checkpoint
 
     tmp_path = tmp_path_factory.mktemp("extractors")
     bert = tmp_path / "bert"
@@ -95,7 +94,7 @@ def extractor_run(tiny_run, tiny_data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def extractor_artifacts(extractor_run, tmp_path_factory) -> Path:
     """extractor_run exported (fp32) with its text and image encoders."""
-    from export.run import export
+    from mp4sr_export.run import export
 
     out = tmp_path_factory.mktemp("extractor-artifacts") / "artifacts"
     export(extractor_run, out, top_k=ARTIFACTS_TOP_K)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import Result
+from mp4sr_train.config import TrainConfig, preset, replace
+from mp4sr_train.model import M2SE, ItemFeatures
+from mp4sr_train.tasks import full_scores, pretrain_loss
 from typer.testing import CliRunner
 
 from mp4sr_cli import app
-from train.config import TrainConfig, preset, replace
-from train.model import M2SE, ItemFeatures
-from train.tasks import full_scores, pretrain_loss
 
 MODELS = "mp4sr,popularity,sasrec,sasrec-features,mp4sr-no-pretrain,text-only"
 
@@ -82,8 +82,8 @@ def test_rerun_with_other_settings_is_refused(bench, tiny_data_dir):
 
 
 def test_cold_test_rows_are_exactly_the_held_out_targets(tiny_data_dir, tmp_path):
-    from train.benchmark import cold_test
-    from train.data import hold_out_items, load_or_preprocess
+    from mp4sr_train.benchmark import cold_test
+    from mp4sr_train.data import hold_out_items, load_or_preprocess
 
     data, _ = load_or_preprocess(tiny_data_dir, tmp_path / "cache", 8, 5)
     cold, held = hold_out_items(data, 0.1, seed=0)
@@ -94,10 +94,10 @@ def test_cold_test_rows_are_exactly_the_held_out_targets(tiny_data_dir, tmp_path
 
 
 def test_cold_start_training_never_sees_held_out_items(tiny_data_dir, tmp_path):
-    from train.benchmark import drop_items, full_catalogue_ids
-    from train.data import hold_out_items, load_or_preprocess
-    from train.model import ItemIdEmbedding
-    from train.run import load_item_features
+    from mp4sr_train.benchmark import drop_items, full_catalogue_ids
+    from mp4sr_train.data import hold_out_items, load_or_preprocess
+    from mp4sr_train.model import ItemIdEmbedding
+    from mp4sr_train.run import load_item_features
 
     data, _ = load_or_preprocess(tiny_data_dir, tmp_path / "cache", 8, 5)
     feats, _ = load_item_features(tiny_data_dir / "features.safetensors", data, torch.device("cpu"))
@@ -177,8 +177,8 @@ def test_unknown_setting_is_one_clear_error(tiny_data_dir, tmp_path):
 
 
 def test_findings_compare_mp4sr_with_each_baseline_by_the_spread():
-    from train.benchmark import BY_NAME
-    from train.report import _findings
+    from mp4sr_train.benchmark import BY_NAME
+    from mp4sr_train.report import _findings
 
     def stats(value: float, std: float) -> dict:
         return {m: (value, std) for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}

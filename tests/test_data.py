@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mp4sr_rt.errors import UserError
-from train.data import (
+from mp4sr_train.data import (
     RawData,
     demo_features,
     generate_demo,
@@ -21,8 +19,10 @@ from train.data import (
     read_dataset,
 )
 
+from mp4sr_rt.errors import UserError
+
 # The package re-exports the function `preprocess`, which shadows the module of the same name.
-preprocess_module = importlib.import_module("train.data.preprocess")
+preprocess_module = importlib.import_module("mp4sr_train.data.preprocess")
 
 ROWS = [("u1", "i1", 3), ("u2", "i2", 1), ("u1", "i3", 2)]
 ROW = '{"user_id": "u", "item_id": "i", "timestamp": 1}'
@@ -398,7 +398,7 @@ def test_demo_features(tmp_path):
 
 def test_demo_structure_is_learnable(tmp_path):
     """Topic of the recent history + popularity beats global popularity by a wide margin."""
-    from train.data.demo import read_catalogue
+    from mp4sr_train.data.demo import read_catalogue
 
     d = generate_demo(tmp_path / "demo", n_items=400, n_users=800, seed=0, image_size=8)
     data = preprocess(read_dataset(d))

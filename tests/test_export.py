@@ -123,8 +123,7 @@ def test_int8_scan_bounds_every_item_it_leaves_out(candidates):
     bound is the exact top K, every row is independent of the batch, and the codes fit 7 bits."""
     import onnx
     import onnxruntime as ort
-
-    from export.int8_scan import quantize_rows, with_int8_scan
+    from mp4sr_export.int8_scan import quantize_rows, with_int8_scan
 
     rng = np.random.default_rng(candidates)
     n, dim, k = 3000, 16, 10
@@ -202,8 +201,7 @@ def test_triton_configs_parse_with_tritons_own_protobuf(exported):
 
 def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, tiny_run, tmp_path):
     import onnx
-
-    from export.run import export
+    from mp4sr_export.run import export
 
     out = tmp_path / "artifacts"
     shutil.copytree(exported[0], out)
@@ -261,8 +259,8 @@ def test_refuses_to_replace_a_foreign_directory(tiny_run, tmp_path):
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
-    import export.run as export_run
-    from export import parity
+    import mp4sr_export.run as export_run
+    from mp4sr_export import parity
 
     specs = export_run.model_specs
     monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k, b: specs(ckpt, k, b)[:1])  # scorer only
@@ -337,9 +335,8 @@ def test_cpp_example_scores_like_python(exported, tiny_run, tmp_path):
 
 
 def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run, tmp_path, monkeypatch):
+    import mp4sr_export.run as export_run
     import onnxruntime as ort
-
-    import export.run as export_run
 
     specs = export_run.model_specs
     monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k, b: specs(ckpt, k, b)[:1])  # scorer + extractors

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mp4sr_train.data import read_dataset
+from mp4sr_train.data.demo import read_catalogue
+from mp4sr_train.data.types import ItemInfo, RawData
+from mp4sr_train.features.cache import FeatureCache
+from mp4sr_train.features.extract import default_features_path, extract, extract_features
+from mp4sr_train.features.image import PROMPT, Clip, build_vocabulary, encode_text_trimmed
+from mp4sr_train.features.store import read_features
+from mp4sr_train.features.text import TextEncoder, checkpoint_pooling, resolve_checkpoint
 from PIL import Image
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.raw import split_sentences, top_words
-from train.data import read_dataset
-from train.data.demo import read_catalogue
-from train.data.types import ItemInfo, RawData
-from train.features.cache import FeatureCache
-from train.features.extract import default_features_path, extract, extract_features
-from train.features.image import PROMPT, Clip, build_vocabulary, encode_text_trimmed
-from train.features.store import read_features
-from train.features.text import TextEncoder, checkpoint_pooling, resolve_checkpoint
 
 TINY_CLIP = {
     "embed_dim": 16,

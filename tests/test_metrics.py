@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from train.metrics import metrics_from_ranks, popularity_scores, target_ranks
+from mp4sr_train.metrics import metrics_from_ranks, popularity_scores, target_ranks
 
 
 def test_ranks_count_ties_against_the_target():

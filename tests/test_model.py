@@ -7,9 +7,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
-from train.config import IdConfig, TrainConfig, preset
-from train.model import (
+from mp4sr_train.config import IdConfig, TrainConfig, preset
+from mp4sr_train.model import (
     M2SE,
     ItemFeatures,
     ItemIdEmbedding,
@@ -20,7 +19,7 @@ from train.model import (
     user_vector,
     with_ids,
 )
-from train.tasks import cmcl_loss, finetune_loss, nip_loss, pretrain_loss, random_drop
+from mp4sr_train.tasks import cmcl_loss, finetune_loss, nip_loss, pretrain_loss, random_drop
 
 N, FEAT = 30, 12
 

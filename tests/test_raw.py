@@ -41,7 +41,7 @@ def scorer(extractor_artifacts) -> Scorer:
 
 def test_text_vectors_match_the_training_encoder(scorer, extractor_run):
     """Tokenizer (lower-casing, accents, CJK, truncation at max_tokens) and pooling."""
-    from train.features.text import TextEncoder
+    from mp4sr_train.features.text import TextEncoder
 
     sentences = ["A red tent.", "Café naïve résumé", "日本語の説明", "x", " ".join(["word"] * 400)]
     reference = TextEncoder.load(extractor_run.parent / "bert").encode(sentences)
@@ -51,7 +51,7 @@ def test_text_vectors_match_the_training_encoder(scorer, extractor_run):
 
 def readable_items(tiny_data_dir) -> tuple[list[str], list, list]:
     """Items of the tiny dataset with text and only decodable images: (ids, texts, images)."""
-    from train.data import read_dataset
+    from mp4sr_train.data import read_dataset
 
     raw = read_dataset(tiny_data_dir)
     chosen = []
@@ -64,7 +64,7 @@ def readable_items(tiny_data_dir) -> tuple[list[str], list, list]:
 
 
 def test_raw_items_get_the_features_training_extracted(scorer, extractor_run, tiny_data_dir):
-    from train.features.store import read_features
+    from mp4sr_train.features.store import read_features
 
     items, texts, images = readable_items(tiny_data_dir)
     feeds = scorer._raw.features(len(items), scorer._feature_dim(), texts, images)

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mp4sr_export.onnx import serving_inputs
+from mp4sr_export.wrappers import HistoryEncoder, ItemTower
+from mp4sr_train.checkpoint import load_checkpoint
+from mp4sr_train.model import serving_table, user_vector
 
-from export.onnx import serving_inputs
-from export.wrappers import HistoryEncoder, ItemTower
 from mp4sr_rt.backends import BACKENDS, BackendUnavailable
 from mp4sr_rt.batching import BatcherClosed, MicroBatcher, Overloaded
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.manifest import MANIFEST, hash_files
 from mp4sr_rt.scorer import Scorer
-from train.checkpoint import load_checkpoint
-from train.model import serving_table, user_vector
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_MODULES = (
@@ -206,7 +206,7 @@ def test_results_do_not_depend_on_the_batch(scorer, item_ids, step, monkeypatch)
 def int8_scorer(tiny_run, tmp_path_factory) -> Scorer:
     """The tiny run exported with --int8-scan at its smallest (candidates = top K = 20), so
     that the bound often cannot certify a top k and the host path runs too."""
-    from export.run import export
+    from mp4sr_export.run import export
 
     out = tmp_path_factory.mktemp("int8") / "artifacts"
     export(tiny_run, out, top_k=20, int8_scan=20)
@@ -337,7 +337,7 @@ def test_new_item_is_retrieved(tiny_artifacts, ckpt, item_ids):
 
 
 def load_features(ckpt, indices: list[int]) -> dict[str, np.ndarray]:
-    from train.features.store import align, read_features
+    from mp4sr_train.features.store import align, read_features
 
     arrays = read_features(Path(ckpt.meta["features"]["path"]))
     rows = align(arrays, ckpt.item_ids, "features")
@@ -490,7 +490,7 @@ def test_runtime_never_imports_torch_train_or_export_at_any_depth():
     """Static: every import statement of every module of the runtime, inside functions too."""
     import ast
 
-    forbidden = {"torch", "train", "export", "mp4sr_cli"}
+    forbidden = {"torch", "mp4sr_train", "mp4sr_export", "mp4sr_cli", "train", "export"}
     found = []
     for path in sorted((ROOT / "mp4sr_rt").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

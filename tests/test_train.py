@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from train import config as config_lib
-from train.config import preset
+from mp4sr_train import config as config_lib
+from mp4sr_train.config import preset
 
 CLI = [sys.executable, "-m", "mp4sr_cli"]
 
@@ -36,11 +35,10 @@ def test_tiny_run_directory(tiny_run):
 
 def test_checkpoint_roundtrip_scores_identically(tiny_run, tiny_data_dir):
     import torch
-
-    from train.checkpoint import load_checkpoint
-    from train.data import load_or_preprocess
-    from train.run import load_item_features
-    from train.tasks import full_scores
+    from mp4sr_train.checkpoint import load_checkpoint
+    from mp4sr_train.data import load_or_preprocess
+    from mp4sr_train.run import load_item_features
+    from mp4sr_train.tasks import full_scores
 
     ckpt = load_checkpoint(tiny_run / "checkpoint")
     data, _ = load_or_preprocess(tiny_data_dir, tiny_run / "cache", 8, 5)
@@ -67,8 +65,8 @@ def test_cli_train_tiny_then_refuses_to_clobber(tiny_data_dir, tmp_path):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
-    from train import loop
-    from train.run import train
+    from mp4sr_train import loop
+    from mp4sr_train.run import train
 
     cfg = config_lib.replace(preset("tiny"), {"train.pretrain.epochs": 2, "train.finetune.epochs": 2})
     feats = tiny_data_dir / "features.safetensors"
@@ -111,8 +109,7 @@ def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
 
 def test_features_file_that_does_not_match_the_data(tiny_data_dir, tmp_path):
     import numpy as np
-
-    from train.features.store import FeatureArrays, read_features, save_features
+    from mp4sr_train.features.store import FeatureArrays, read_features, save_features
 
     arrays = read_features(tiny_data_dir / "features.safetensors")
     keep = slice(0, len(arrays.item_ids) // 2)
@@ -168,9 +165,8 @@ def test_stages_run_separately_chain_through_the_run_directory(tiny_data_dir, tm
 def test_paper_preset_keeps_the_paper_id_embedding_and_old_checkpoints_load_as_such(tiny_run, tmp_path):
     import shutil
 
+    from mp4sr_train.checkpoint import load_checkpoint
     from safetensors.torch import load_file, save_file
-
-    from train.checkpoint import load_checkpoint
 
     assert preset("paper").train.ids == config_lib.PAPER_IDS
     assert preset("demo").train.ids == config_lib.IdConfig()
@@ -200,7 +196,7 @@ def test_data_without_enough_users_fails_before_features_or_out_are_made(tmp_pat
 
 
 def test_a_loaded_checkpoint_saved_again_records_its_own_hash(tiny_run, tmp_path):
-    from train.checkpoint import load_checkpoint, save_checkpoint
+    from mp4sr_train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(tiny_run / "checkpoint")
     ckpt.meta["model_sha256"] = "stale"
@@ -210,3 +206,21 @@ def test_a_loaded_checkpoint_saved_again_records_its_own_hash(tiny_run, tmp_path
 
     assert again["model_sha256"] == file_sha256(tmp_path / "again" / "model.safetensors") != "stale"
     assert load_checkpoint(tmp_path / "again").item_ids == ckpt.item_ids
+
+
+def test_cli_works_from_a_folder_with_its_own_train_and_export_modules(tiny_data_dir, tmp_path):
+    """`python -m` puts the working folder first on sys.path: a user's train.py / export.py there
+    must not shadow the installed packages (they install as mp4sr_train and mp4sr_export)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("train", "export", "mp4sr"):
+        (work / f"{name}.py").write_text(f"raise SystemExit('the user {name}.py was imported')\n")
+    (work / "history.json").write_text('[["item00001", "item00002"]]\n')
+    trained = run_cli("train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+                      tiny_data_dir / "features.safetensors", "--out", "run", "--epochs", "1", "--quiet", cwd=work)
+    assert trained.returncode == 0, trained.stderr
+    exported = run_cli("export", "run", "--out", "artifacts", cwd=work)
+    assert exported.returncode == 0, exported.stderr
+    scored = run_cli("score", "history.json", "--artifacts", "artifacts", "-k", "3", cwd=work)
+    assert scored.returncode == 0, scored.stderr
+    assert len(json.loads(scored.stdout)[0]["items"]) == 3

@@ -15,10 +15,9 @@ model: `train.loop.evaluate_popularity`.
 from __future__ import annotations
 
 import torch
+from mp4sr_train.config import ModelConfig
+from mp4sr_train.model import M2SE, Block, ItemFeatures
 from torch import Tensor, nn
-
-from train.config import ModelConfig
-from train.model import M2SE, Block, ItemFeatures
 
 
 def mean_pool(x: Tensor, mask: Tensor) -> Tensor:

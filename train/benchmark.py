@@ -31,18 +31,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from mp4sr_train import config as config_lib
+from mp4sr_train.baselines import SASRec
+from mp4sr_train.config import Config
+from mp4sr_train.data import hold_out_items, load_or_preprocess
+from mp4sr_train.data.preprocess import _strip_items
+from mp4sr_train.data.types import Split, SplitData
+from mp4sr_train.loop import StageRunner, evaluate, evaluate_popularity, resolve_device, run_fingerprint
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from mp4sr_train.run import features_digest, load_item_features, log, resolve_inputs
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import write_json_atomic
-from train import config as config_lib
-from train.baselines import SASRec
-from train.config import Config
-from train.data import hold_out_items, load_or_preprocess
-from train.data.preprocess import _strip_items
-from train.data.types import Split, SplitData
-from train.loop import StageRunner, evaluate, evaluate_popularity, resolve_device, run_fingerprint
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding
-from train.run import features_digest, load_item_features, log, resolve_inputs
 
 SETTINGS = ("normal", "cold-start")
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mp4sr_train import config as config_lib
+from mp4sr_train.model import M2SE, ItemIdEmbedding
 from safetensors.torch import load_file, save_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
 from mp4sr_rt.manifest import file_sha256
-from train import config as config_lib
-from train.model import M2SE, ItemIdEmbedding
 
 SCHEMA = "mp4sr-checkpoint/1"
 

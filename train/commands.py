@@ -30,8 +30,8 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bars or per-epoch lines."),
 ) -> None:
     """Train on --data (default: the demo dataset) into --out; prints a summary, writes metrics.json."""
-    from train import config as config_lib
-    from train.run import train as run_train
+    from mp4sr_train import config as config_lib
+    from mp4sr_train.run import train as run_train
 
     cfg = config_lib.preset(preset)
     overrides = {}
@@ -72,8 +72,8 @@ def features(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Embed item sentences and CLIP image words (offline, cached); prints the path on stdout."""
-    from train.data import default_demo_dir, generate_demo, read_dataset
-    from train.features.extract import default_features_path, extract_features
+    from mp4sr_train.data import default_demo_dir, generate_demo, read_dataset
+    from mp4sr_train.features.extract import default_features_path, extract_features
 
     if data is None:
         data = generate_demo(default_demo_dir())
@@ -117,10 +117,9 @@ def benchmark(
     """Train every selected model in the normal and the cold-start setting over --seeds seeds; report
     mean and spread per model (results.md: a table per setting; results.png: bar chart with error bars)."""
     import torch
-
-    from train import config as config_lib
-    from train.benchmark import BenchmarkOptions, run_benchmark, select_models, select_settings
-    from train.report import write_report
+    from mp4sr_train import config as config_lib
+    from mp4sr_train.benchmark import BenchmarkOptions, run_benchmark, select_models, select_settings
+    from mp4sr_train.report import write_report
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -20,18 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from mp4sr_train import config as config_lib
+from mp4sr_train.checkpoint import load_state, state_tensors
+from mp4sr_train.config import Config, StageConfig
+from mp4sr_train.data.types import Split, SplitData
+from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from mp4sr_train.tasks import finetune_loss, full_scores, pretrain_loss
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
-from train import config as config_lib
-from train.checkpoint import load_state, state_tensors
-from train.config import Config, StageConfig
-from train.data.types import Split, SplitData
-from train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding
-from train.tasks import finetune_loss, full_scores, pretrain_loss
 
 SELECT_METRIC = "recall@20"
 

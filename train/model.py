@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from mp4sr_train.config import IdConfig, ModelConfig
 from torch import Tensor, nn
-
-from train.config import IdConfig, ModelConfig
 
 MODALITIES = ("text", "image")
 

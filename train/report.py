@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mp4sr_train import config as config_lib
+from mp4sr_train.benchmark import METRICS, BenchmarkOptions, BenchmarkResult, ModelSpec
+from mp4sr_train.config import Config
 
 from mp4sr_rt.io import atomic_write, write_text_atomic
-from train import config as config_lib
-from train.benchmark import METRICS, BenchmarkOptions, BenchmarkResult, ModelSpec
-from train.config import Config
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:

@@ -9,16 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-
-from mp4sr_rt.errors import UserError
-from mp4sr_rt.io import atomic_write, write_json_atomic
-from train.checkpoint import Checkpoint, load_state, save_checkpoint
-from train.config import Config
-from train.data import default_demo_dir, generate_demo, load_or_preprocess
-from train.data.types import SplitData
-from train.features.store import align, read_features
-from train.loop import (
+from mp4sr_train.checkpoint import Checkpoint, load_state, save_checkpoint
+from mp4sr_train.config import Config
+from mp4sr_train.data import default_demo_dir, generate_demo, load_or_preprocess
+from mp4sr_train.data.types import SplitData
+from mp4sr_train.features.store import align, read_features
+from mp4sr_train.loop import (
     StageResult,
     StageRunner,
     check_or_write_run,
@@ -27,7 +23,11 @@ from train.loop import (
     resolve_device,
     run_fingerprint,
 )
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
+from safetensors.torch import load_file
+
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.io import atomic_write, write_json_atomic
 
 STAGES = ("all", "pretrain", "finetune")
 
@@ -48,8 +48,8 @@ def resolve_features(data: Path, features: Path | None, device: str = "auto", pr
     """The features file; None: extract them from the items' text and images (the file
     `mp4sr-rt features --data DATA` writes; its vector cache makes a rerun cheap)."""
     if features is None:
-        from train.data import read_dataset
-        from train.features.extract import default_features_path, extract_features
+        from mp4sr_train.data import read_dataset
+        from mp4sr_train.features.extract import default_features_path, extract_features
 
         raw = read_dataset(data)
         if not any(info.sentences or info.images for info in raw.item_info.values()):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from mp4sr_train.config import TrainConfig
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, score, with_ids
 from torch import Tensor
-
-from train.config import TrainConfig
-from train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, score, with_ids
 
 
 def random_drop(ids: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:

@@ -1,9 +1,9 @@
 """Datasets: readers for the accepted formats, the leave-one-out split and the demo generator."""
 
-from train.data.demo import default_demo_dir, demo_features, generate_demo
-from train.data.preprocess import hold_out_items, load_or_preprocess, preprocess
-from train.data.readers import detect, read_dataset
-from train.data.types import ItemInfo, RawData, Split, SplitData
+from mp4sr_train.data.demo import default_demo_dir, demo_features, generate_demo
+from mp4sr_train.data.preprocess import hold_out_items, load_or_preprocess, preprocess
+from mp4sr_train.data.readers import detect, read_dataset
+from mp4sr_train.data.types import ItemInfo, RawData, Split, SplitData
 
 __all__ = [
     "ItemInfo",

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mp4sr_train.features.store import FeatureArrays, save_features
 from PIL import Image, ImageDraw
 
 from mp4sr_rt.errors import UserError
-from train.features.store import FeatureArrays, save_features
 
 DEMO_SCHEMA = "mp4sr-demo/1"
 STAMP = "demo.json"

@@ -13,11 +13,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from mp4sr_train.data.readers import DatasetFiles, detect, read_dataset
+from mp4sr_train.data.types import ItemInfo, RawData, Split, SplitData
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import atomic_write, write_json_atomic
-from train.data.readers import DatasetFiles, detect, read_dataset
-from train.data.types import ItemInfo, RawData, Split, SplitData
 
 CACHE_SCHEMA = "mp4sr-split/1"  # bump when the split or the cache layout changes
 _SPLITS = ("train", "valid", "test")

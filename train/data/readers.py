@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mp4sr_train.data.types import ItemInfo, RawData
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.items import TEXT_FIELDS, json_lines, open_text, parse_id, read_items, string_list, text_fields, where
-from train.data.types import ItemInfo, RawData
 
 GENERIC_SUFFIXES = (".csv", ".jsonl", ".parquet")
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp")

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mp4sr_train.data.types import ItemInfo, RawData
+from mp4sr_train.features.cache import FeatureCache, content_key, default_cache_dir
+from mp4sr_train.features.image import PROMPT, Clip, build_vocabulary
+from mp4sr_train.features.store import FeatureArrays, save_features
+from mp4sr_train.features.text import TextEncoder
 from tqdm import tqdm
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.raw import MAX_SENTENCES, decode_image, split_sentences, top_words
-from train.data.types import ItemInfo, RawData
-from train.features.cache import FeatureCache, content_key, default_cache_dir
-from train.features.image import PROMPT, Clip, build_vocabulary
-from train.features.store import FeatureArrays, save_features
-from train.features.text import TextEncoder
 
 MAX_IMAGES = 10  # the first 10 listed images of an item are used
 
@@ -96,7 +96,7 @@ def extract_features(
     ``text_encoder``: a checkpoint directory or a name in the local Hugging Face cache (default:
     the bundled all-MiniLM-L6-v2). ``clip_model``: an open_clip config name or a JSON config file.
     """
-    from train.loop import resolve_device
+    from mp4sr_train.loop import resolve_device
 
     if image_tokens < 1 or batch_size < 1:
         raise UserError(

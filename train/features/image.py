@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mp4sr_train.checkpoint import file_sha256
+from mp4sr_train.features.cache import content_key
+from mp4sr_train.features.text import go_offline
 from PIL import Image
 
 from mp4sr_rt.errors import UserError
-from train.checkpoint import file_sha256
-from train.features.cache import content_key
-from train.features.text import go_offline
 
 PROMPT = "a photo of {}"
 # Enough to keep function words out of the vocabulary; content words are what CLIP can match.

