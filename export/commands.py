@@ -28,12 +28,18 @@ def export(
         help="Scan the catalogue in int8 and rescore this many candidates in full precision "
              "(0: off). For large catalogues on the CPU; the runtime rescans the rare history "
              "whose top k the int8 error bound cannot certify."),
+    encoders: bool = typer.Option(
+        True, help="Also export the text and image encoders the run's features were made with "
+                   "(new items from raw text and images); --no-encoders leaves them out."),
 ) -> None:
     """Export the run's model to ONNX behind a parity gate; prints a JSON summary on stdout."""
+    from mp4sr_export.config import ExportConfig
     from mp4sr_export.run import export as run_export
 
-    manifest = run_export(run_dir, out, fp16, top_k, max_batch, trt, triton, topk_block, int8_scan)
+    config = ExportConfig(fp16=fp16, top_k=top_k, max_batch=max_batch, trt=trt, topk_block=topk_block,
+                          int8_scan=int8_scan, encoders=encoders, triton_dir=triton)
+    manifest = run_export(run_dir, out, config)
     out = out if out is not None else run_dir / "artifacts"
     print(json.dumps({"artifacts": str(out), "triton": str(triton) if triton else None,
-                      "precision": manifest["precision"], "top_k": manifest["top_k"],
-                      "parity": manifest["parity"]}))
+                      "precision": manifest.precision, "top_k": manifest.top_k,
+                      "modalities": list(manifest.modalities), "parity": manifest.parity}))

@@ -52,23 +52,27 @@ def serving_inputs(ckpt: Checkpoint) -> Tensor:
 
 def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec]:
     """The scorer, the item tower and the history encoder, traced on small fixed shapes
-    (batch 2, history 3, 3 text and 2 image slots) that parity then avoids."""
+    (batch 2, history 3, 3 text and 2 image slots) that parity then avoids. The item tower takes
+    the slots of the model's own modalities only."""
     model, feat_dim = ckpt.model, ckpt.model.feat_dim
+    modalities = model.cfg.modalities
     length = min(3, ckpt.cfg.model.max_len)
     ids = torch.tensor([[1, 2, 3], [2, 0, 0]])[:, :length]
-    text_mask = torch.tensor([[True, True, False], [False, False, False]])
-    image_mask = torch.tensor([[True, False], [True, True]])
+    masks = {"text": torch.tensor([[True, True, False], [False, False, False]]),
+             "image": torch.tensor([[True, False], [True, True]])}
     g = torch.Generator().manual_seed(0)
-    item_feats = (torch.randn(2, 3, feat_dim, generator=g), text_mask,
-                  torch.randn(2, 2, feat_dim, generator=g), image_mask)
-    history = (torch.randn(2, length, 2 * model.cfg.d, generator=g), torch.tensor([length, 1]))
+    item_feats, names, axes = [], [], {}
+    for name in modalities:
+        mask = masks[name]
+        item_feats += [torch.randn(*mask.shape, feat_dim, generator=g), mask]
+        names += [f"{name}_feats", f"{name}_mask"]
+        axes |= {f"{name}_feats": {0: "n", 1: f"{name}_slots"}, f"{name}_mask": {0: "n", 1: f"{name}_slots"}}
+    history = (torch.randn(2, length, len(modalities) * model.cfg.d, generator=g), torch.tensor([length, 1]))
     return [
         ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k, topk_block), (ids,), ("ids",),
                   ("scores", "items", "user"), {"ids": {0: "batch", 1: "history"}}),
-        ModelSpec("item_tower", ItemTower(model, ckpt.id_emb), item_feats,
-                  ("text_feats", "text_mask", "image_feats", "image_mask"), ("table", "inputs"),
-                  {"text_feats": {0: "n", 1: "text_slots"}, "text_mask": {0: "n", 1: "text_slots"},
-                   "image_feats": {0: "n", 1: "image_slots"}, "image_mask": {0: "n", 1: "image_slots"}}),
+        ModelSpec("item_tower", ItemTower(model, ckpt.id_emb), tuple(item_feats), tuple(names), ("table", "inputs"),
+                  axes),
         ModelSpec("history_encoder", HistoryEncoder(model), history, ("inputs", "lengths"), ("user",),
                   {"inputs": {0: "batch", 1: "history"}, "lengths": {0: "batch"}}),
     ]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mp4sr_export.onnx import serving_inputs
 from mp4sr_train.checkpoint import Checkpoint
-from mp4sr_train.model import ItemFeatures, candidates, score, serving_table, untrained_inputs, user_vector
+from mp4sr_train.model import candidates, concat_modalities, score, serving_table, untrained_inputs, user_vector
 
 from mp4sr_rt.errors import UserError
 
@@ -35,7 +35,7 @@ FP16_TOP10 = 0.99  # fp16: judged on rankings (STYLE 8): mean top-10 overlap ...
 FP16_TOP1 = 0.98  # ... and top-1 equality, over at least MIN_ROWS histories
 MIN_ROWS = 256
 TOP = 10
-SLOTS = (5, 4)  # text and image slots of the item-tower check (traced: 3 and 2)
+SLOTS = {"text": 5, "image": 4}  # slots of the item-tower check (traced: 3 and 2)
 
 
 class ParityError(UserError):
@@ -122,20 +122,18 @@ def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator
 def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
     """New items from random features (some lacking a modality), ranked for real users."""
     n, feat_dim = MIN_ROWS + 44, ckpt.model.feat_dim
-    feeds = {}
-    missing = (slice(0, n // 10), slice(-n // 10, None))  # text lacking in the first tenth, image in the last
-    for name, slots, lacking in zip(("text", "image"), SLOTS, missing, strict=True):
-        mask = rng.random((n, slots)) < 0.7
-        mask[lacking] = False  # these items get the learned missing vector for this modality
-        feeds[f"{name}_feats"] = rng.standard_normal((n, slots, feat_dim)).astype(np.float32)
+    feeds, pools = {}, []
+    missing = {"text": slice(0, n // 10), "image": slice(-n // 10, None)}  # items lacking the modality
+    for m, name in enumerate(ckpt.model.cfg.modalities):
+        mask = rng.random((n, SLOTS[name])) < 0.7
+        mask[missing[name]] = False  # these items get the learned missing vector for this modality
+        feeds[f"{name}_feats"] = rng.standard_normal((n, SLOTS[name], feat_dim)).astype(np.float32)
         feeds[f"{name}_mask"] = mask
-    # encode_items treats row 0 as padding (zeroed): prepend one and drop it again.
-    order = ("text_feats", "text_mask", "image_feats", "image_mask")  # ItemFeatures' fields
-    padded = [np.concatenate([np.zeros_like(feeds[k][:1]), feeds[k]]) for k in order]
-    with torch.no_grad():
-        z = ckpt.model.encode_items(ItemFeatures(*map(torch.as_tensor, padded)))[:, 1:]  # (2, n, d)
+        pools.append((m, torch.as_tensor(feeds[f"{name}_feats"]), torch.as_tensor(mask)))
+    with torch.no_grad():  # encode_items, on these items' slots
+        z = torch.stack([ckpt.model.adaptor[m](ckpt.model.pool_slots(m, x, mask)) for m, x, mask in pools])
         x = untrained_inputs(z, ckpt.id_emb)
-        ref = {"table": serving_table(x).numpy(), "inputs": torch.cat([x[0], x[1]], -1).numpy()}
+        ref = {"table": serving_table(x).numpy(), "inputs": concat_modalities(x).numpy()}
     out = run(feeds)
     users = np.concatenate([reference_users(ckpt, ids) for ids in batches(rng, ckpt)])
     top = min(TOP, n)
@@ -146,7 +144,7 @@ def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) ->
 def check_history_encoder(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
     """The scorer's histories given as sequence-input vectors (rows of item_inputs.npy)."""
     inputs = serving_inputs(ckpt)
-    rows = torch.cat([inputs[0], inputs[1]], -1).numpy()  # (N + 1, 2d), = item_inputs.npy
+    rows = concat_modalities(inputs).numpy()  # (N + 1, M d), = item_inputs.npy
     table = serving_table(inputs).numpy()[1:]  # ranked without the padding item
     ref_users, got_users = [], []
     for ids in batches(rng, ckpt):

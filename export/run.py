@@ -6,6 +6,8 @@ a failed export (bad run directory, parity failure, TensorRT error, Ctrl-C) leav
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 from mp4sr_export import parity, tensorrt, triton
+from mp4sr_export.config import ExportConfig
 from mp4sr_export.int8_scan import with_int8_scan
 from mp4sr_export.onnx import (
     OPSET,
@@ -35,10 +38,19 @@ from mp4sr_export.onnx import (
     serving_inputs,
 )
 from mp4sr_train.checkpoint import Checkpoint, load_checkpoint
-from mp4sr_train.model import serving_table
+from mp4sr_train.model import concat_modalities, serving_table
 
 from mp4sr_rt.errors import UserError
-from mp4sr_rt.manifest import MANIFEST, SCHEMA, file_sha256, hash_files
+from mp4sr_rt.manifest import (
+    MANIFEST,
+    SCHEMA,
+    Features,
+    Manifest,
+    ManifestError,
+    SourceCheckpoint,
+    file_sha256,
+    hash_files,
+)
 
 EXTRACTORS = ("text_encoder", "image_encoder")
 CERTIFIED_NOTE = 0.95  # an int8 scan certifying fewer histories than this gets a note
@@ -48,39 +60,33 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def export(
-    run_dir: Path = Path("mp4sr-out"), out: Path | None = None, fp16: bool = False, top_k: int = 100,
-    max_batch: int = 4096, trt: bool = False, triton_dir: Path | None = None, topk_block: int = 0,
-    int8_scan: int = 0,
-) -> dict[str, Any]:
-    """Export the run's checkpoint; returns the manifest. Raises UserError (nothing written) on failure."""
+def export(run_dir: Path = Path("mp4sr-out"), out: Path | None = None, config: ExportConfig | None = None,
+           **options: Any) -> Manifest:
+    """Export the run's checkpoint; returns the manifest. `options` are ExportConfig's fields, for
+    callers without a config. Raises UserError (nothing written) on failure."""
     t0 = time.perf_counter()
+    config = config if config is not None else ExportConfig(**options)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "artifacts"
-    if top_k < 1 or max_batch < 1 or topk_block < 0 or int8_scan < 0:
-        raise UserError(f"--top-k and --max-batch must be >= 1, --topk-block and --int8-scan >= 0 "
-                        f"(got {top_k}, {max_batch}, {topk_block} and {int8_scan})")
-    if topk_block and int8_scan:
-        raise UserError("--topk-block and --int8-scan are two ways to scan the catalogue: choose one")
-    if trt:
+    if config.trt:
         tensorrt.require()  # before any work: a clear message at once
     check_replaceable(out, is_ours=lambda d: (d / MANIFEST).is_file())
+    triton_dir = config.triton_dir
     if triton_dir is not None:
-        triton_dir = Path(triton_dir)
         check_replaceable(triton_dir, is_ours=lambda d: all(p.name.startswith("mp4sr_") for p in d.iterdir()))
     ckpt = load_run(run_dir)
-    k = min(top_k, len(ckpt.item_ids))
-    if k < top_k:
-        log(f"note: --top-k {top_k} > {len(ckpt.item_ids)} items; the scorer returns the top {k}")
-    if int8_scan and not k <= int8_scan < len(ckpt.item_ids):
-        raise UserError(f"--int8-scan {int8_scan}: the candidates must number at least the top k "
+    k = min(config.top_k, len(ckpt.item_ids))
+    if k < config.top_k:
+        log(f"note: --top-k {config.top_k} > {len(ckpt.item_ids)} items; the scorer returns the top {k}")
+    if config.int8_scan and not k <= config.int8_scan < len(ckpt.item_ids):
+        raise UserError(f"--int8-scan {config.int8_scan}: the candidates must number at least the top k "
                         f"({k}) and fewer than the {len(ckpt.item_ids)} items")
 
     with staging_dir(out) as staging:
-        manifest = write_artifacts(ckpt, run_dir, staging, fp16, k, max_batch, trt, topk_block, int8_scan)
+        manifest = write_artifacts(ckpt, run_dir, staging, config, k)
         if triton_dir is not None:
             with staging_dir(triton_dir) as triton_staging:
-                names = triton.write_repository(staging, manifest, triton_staging, max_batch)
+                names = triton.write_repository(staging, manifest, triton_staging, config.max_batch)
                 publish(triton_staging, triton_dir)
             log(f"triton: {', '.join(names)} in {triton_dir}")
         publish(staging, out)
@@ -131,31 +137,30 @@ def publish(staging: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, k: int,
-                    max_batch: int, trt: bool, topk_block: int = 0, int8_scan: int = 0) -> dict[str, Any]:
-    text, clip, vocabulary = load_extractors(ckpt)
+def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, config: ExportConfig, k: int) -> Manifest:
+    text, clip, vocabulary = load_extractors(ckpt) if config.encoders else (None, None, None)
     limits = {"history": ckpt.cfg.model.max_len} | ({"tokens": text.max_length} if text else {})
-    specs = model_specs(ckpt, k, topk_block) + (encoder_specs(text, clip) if text else [])
+    specs = model_specs(ckpt, k, config.topk_block) + (encoder_specs(text, clip) if text else [])
     models = {}
     for spec in specs:
         # The feature extractors stay fp32 under --fp16: they run once per new item, off the
         # request path, and fp32 reproduces the features the model was trained on.
-        precision = "fp16" if fp16 and spec.role not in EXTRACTORS else "fp32"
+        precision = config.precision if spec.role not in EXTRACTORS else "fp32"
         path = staging / spec.file
         log(f"export: {spec.file} ({precision})")
         export_onnx(spec, path, limits)
         if precision == "fp16":
             convert_fp16(path)
-        if spec.role == "scorer" and int8_scan:
-            log(f"export: {spec.file}: int8 catalogue scan, {int8_scan} candidates rescored")
-            add_int8_scan(path, ckpt, k, int8_scan, fp16)
+        if spec.role == "scorer" and config.int8_scan:
+            log(f"export: {spec.file}: int8 catalogue scan, {config.int8_scan} candidates rescored")
+            add_int8_scan(path, ckpt, k, config.int8_scan, config.fp16)
         models[spec.role] = {"file": spec.file, "opset": OPSET, "precision": precision, **describe(path)}
     write_catalogue(ckpt, staging)
     preprocessing = write_extractor_files(text, clip, vocabulary, ckpt.meta["features"], staging) if text else None
 
     runners = {(role, "onnxruntime"): parity.ort_runner(staging / m["file"]) for role, m in models.items()}
-    if trt:
-        runners.update(build_engines(models, staging, max_batch, limits))
+    if config.trt:
+        runners.update(build_engines(models, staging, config.max_batch, limits))
     log(f"parity: {len(runners)} model(s) against PyTorch")
     figures = parity.check_all(ckpt, runners, k, text, clip)
     failures = parity.gate(figures, {role: m["precision"] for role, m in models.items()})
@@ -166,12 +171,10 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, fp16: bool, 
         log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
             "runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
-    manifest = build_manifest(ckpt, run_dir, models, figures, "fp16" if fp16 else "fp32", k, max_batch, trt,
-                              topk_block, int8_scan)
-    if preprocessing:
-        manifest["preprocessing"] = preprocessing
-    manifest["files"] = hash_files(staging)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest = build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, hash_files(staging))
+    tmp = staging / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.rename(staging / MANIFEST)
     return manifest
 
 
@@ -187,24 +190,18 @@ def add_int8_scan(path: Path, ckpt: Checkpoint, k: int, candidates: int, fp16: b
 def load_extractors(ckpt: Checkpoint) -> tuple[Any, Any, list[str] | None]:
     """(TextEncoder, Clip, CLIP vocabulary) that made the run's features, each None when absent.
 
-    Present only when `mp4sr-rt features` made the features file (the demo's latent features
-    have no extractor) and the encoders still load with the identity recorded in it; otherwise
-    the export goes on without them and says why."""
+    Present when `mp4sr-rt features` made the features file (the demo's latent features have no
+    extractor). Everything comes from what the features step recorded in the run's checkpoint:
+    the encoders' identities (content hashes), the CLIP weights' path and the CLIP word list; an
+    encoder that no longer loads, or loads changed, is a UserError (`--no-encoders` exports
+    without them)."""
     features = ckpt.meta.get("features", {})
     if "encoder_sha256" not in features:
         return None, None, None
-    try:
-        text = load_text_encoder(features, ckpt.model.feat_dim)
-    except UserError as e:
-        log(f"note: no text_encoder / image_encoder in the artifacts: {e}")
-        return None, None, None
-    if features.get("clip_model", "none") == "none":
+    text = load_text_encoder(features, ckpt.model.feat_dim)
+    if features.get("clip_model", "none") == "none" or "image" not in ckpt.cfg.model.modalities:
         return text, None, None
-    try:
-        clip, vocabulary = load_clip(features, ckpt.meta.get("data"))
-    except UserError as e:
-        log(f"note: no image_encoder in the artifacts: {e}")
-        return text, None, None
+    clip, vocabulary = load_clip(features)
     return text, clip, vocabulary
 
 
@@ -212,27 +209,32 @@ def load_text_encoder(features: dict, feat_dim: int):
     from mp4sr_train.features.text import DEFAULT_ENCODER, TextEncoder
 
     name = None if features["encoder"] == DEFAULT_ENCODER else features["encoder"]
-    text = TextEncoder.load(name, "cpu", features.get("text_pooling", "auto").split("+")[0])
+    hint = "; re-run `mp4sr-rt features` and `train`, or export with --no-encoders"
+    try:
+        text = TextEncoder.load(name, "cpu", features.get("text_pooling", "auto").split("+")[0])
+    except UserError as e:
+        raise UserError(f"the text encoder the features were made with no longer loads ({e}){hint}") from None
     if text.identity != features["encoder_sha256"] or text.dim != feat_dim:
-        raise UserError(f"the text encoder {features['encoder']} changed since the features were made")
+        raise UserError(f"the text encoder {features['encoder']} changed since the features were made{hint}")
     return text
 
 
-def load_clip(features: dict, data: str | None):
-    from mp4sr_train.data import read_dataset
-    from mp4sr_train.features.image import Clip, build_vocabulary
+def load_clip(features: dict):
+    from mp4sr_train.features.image import Clip
 
+    hint = "; re-run `mp4sr-rt features` and `train`, or export with --no-encoders"
+    words = features.get("clip_vocabulary")
+    if words is None or features.get("clip_vocabulary_sha256") != hashlib.sha256(words.encode()).hexdigest():
+        raise UserError("the run's features record no CLIP word list (or it was edited), which new "
+                        f"items' images are described with{hint}")
     weights = json.loads(features.get("clip_weights", "null"))
-    clip = Clip.load(features["clip_model"], Path(weights["path"]) if weights else None)
+    try:
+        clip = Clip.load(features["clip_model"], Path(weights["path"]) if weights else None)
+    except UserError as e:
+        raise UserError(f"the CLIP model the features were made with no longer loads ({e}){hint}") from None
     if clip.identity != features.get("clip_sha256"):
-        raise UserError(f"the CLIP model {features['clip_model']} changed since the features were made")
-    if data is None or not Path(data).exists():
-        raise UserError(f"the run's data {data} is gone, and the CLIP vocabulary is made from its item texts")
-    raw = read_dataset(data)
-    vocabulary = build_vocabulary(s for info in raw.item_info.values() for s in info.sentences)
-    if str(len(vocabulary)) != features.get("vocabulary_size"):
-        raise UserError(f"the item texts of {data} changed since the features were made")
-    return clip, vocabulary
+        raise UserError(f"the CLIP model {features['clip_model']} changed since the features were made{hint}")
+    return clip, json.loads(words)
 
 
 def write_extractor_files(text, clip, vocabulary: list[str] | None, features: dict, staging: Path) -> dict:
@@ -272,8 +274,7 @@ def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
     """items.json (vocabulary, training popularity) and item_inputs.npy (sequence-input vectors)."""
     vocabulary = {"items": list(ckpt.item_ids), "popularity": [int(c) for c in ckpt.meta["train_counts"][1:]]}
     (staging / "items.json").write_text(json.dumps(vocabulary) + "\n", encoding="utf-8")
-    inputs = serving_inputs(ckpt)
-    rows = np.concatenate([inputs[0].numpy(), inputs[1].numpy()], axis=-1).astype(np.float32)  # (N + 1, 2d)
+    rows = concat_modalities(serving_inputs(ckpt)).numpy().astype(np.float32)  # (N + 1, M d)
     np.save(staging / "item_inputs.npy", rows)
 
 
@@ -291,32 +292,44 @@ def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str,
     return runners
 
 
-def build_manifest(ckpt: Checkpoint, run_dir: Path, models: dict, figures: dict, precision: str,
-                   k: int, max_batch: int, trt: bool, topk_block: int = 0, int8_scan: int = 0) -> dict[str, Any]:
+def build_manifest(ckpt: Checkpoint, run_dir: Path, config: ExportConfig, k: int, models: dict,
+                   figures: dict, preprocessing: dict | None, files: dict) -> Manifest:
     features = ckpt.meta.get("features", {})
-    return {
+    values = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool_versions": tool_versions(trt),
-        "source_checkpoint": {"path": str((run_dir / "checkpoint").resolve()),
-                              "sha256": ckpt.meta["model_sha256"], "stage": ckpt.meta.get("stage")},
-        "precision": precision,
+        "tool_versions": tool_versions(config.trt),
+        "source_checkpoint": SourceCheckpoint(str((run_dir / "checkpoint").resolve()), ckpt.meta["model_sha256"],
+                                              ckpt.meta.get("stage")),
+        "precision": config.precision,
         "padding": "right",
         "pad_id": 0,
         "max_len": ckpt.cfg.model.max_len,
         "top_k": k,
-        "topk_block": topk_block,
-        "int8_scan": int8_scan,
-        "dim": 2 * ckpt.cfg.model.d,
+        "topk_block": config.topk_block,
+        "int8_scan": config.int8_scan,
+        "modalities": tuple(ckpt.cfg.model.modalities),
+        "dim": len(ckpt.cfg.model.modalities) * ckpt.cfg.model.d,
         "num_items": len(ckpt.item_ids),
-        "max_batch": max_batch,
+        "max_batch": config.max_batch,
         "vocabulary": "items.json",
         "item_inputs": "item_inputs.npy",
-        "features": {"encoder": features.get("encoder"), "dim": ckpt.model.feat_dim,
-                     "max_slots": tensorrt.MAX_SLOTS, "values_sha256": features.get("values_sha256")},
-        "models": models,
-        "parity": figures,
+        "features": Features(features.get("encoder"), ckpt.model.feat_dim, tensorrt.MAX_SLOTS,
+                             features.get("values_sha256")),
     }
+    # The nested parts go through the strict loader too, so the exporter can only write what the
+    # runtime reads.
+    loose = {"models": models, "parity": figures, "preprocessing": preprocessing,
+             "files": {name: dataclasses.asdict(entry) for name, entry in files.items()}}
+    try:
+        return Manifest.from_dict({**{key: _plain(v) for key, v in values.items()}, **loose})
+    except ManifestError as e:
+        raise UserError(f"export wrote an invalid manifest ({e}): a defect, please report it") from None
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else list(value) if isinstance(
+        value, tuple) else value
 
 
 def tool_versions(trt: bool) -> dict[str, str]:
@@ -329,15 +342,16 @@ def tool_versions(trt: bool) -> dict[str, str]:
     return versions
 
 
-def summary(manifest: dict, out: Path, seconds: float) -> str:
-    files = manifest["files"]
-    lines = [f"\n== mp4sr-rt export: {out} ({manifest['precision']}, top {manifest['top_k']}, {seconds:.1f} s) ==",
+def summary(manifest: Manifest, out: Path, seconds: float) -> str:
+    files = manifest.files
+    lines = [f"\n== mp4sr-rt export: {out} ({manifest.precision}, top {manifest.top_k}, "
+             f"{'+'.join(manifest.modalities)}, {seconds:.1f} s) ==",
              f"{'file':28s}{'size':>12s}   parity vs PyTorch"]
-    figures = {m["file"]: manifest["parity"][role] for role, m in manifest["models"].items()}
+    figures = {m.file: manifest.parity[role] for role, m in manifest.models.items()}
     for name, entry in files.items():
         checks = "; ".join(f"{backend}: {describe_figures(f)}" for backend, f in figures.get(name, {}).items())
-        lines.append(f"{name:28s}{entry['bytes'] / 1024:>9.1f} KB   {checks}")
-    lines.append(f"{'total':28s}{sum(e['bytes'] for e in files.values()) / 1024:>9.1f} KB")
+        lines.append(f"{name:28s}{entry.bytes / 1024:>9.1f} KB   {checks}")
+    lines.append(f"{'total':28s}{sum(e.bytes for e in files.values()) / 1024:>9.1f} KB")
     return "\n".join(lines)
 
 
@@ -347,4 +361,4 @@ def describe_figures(f: dict) -> str:
         text += f", top-10 {f['top10_agreement']:.4f}, top-1 {f['top1_agreement']:.4f}"
     if "certified" in f:
         text += f", int8 scan certified {f['certified']:.1%}"
-    return text + f" ({f['rows']} rows)"
+    return text + f" ({int(f['rows'])} rows)"

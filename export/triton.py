@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mp4sr_rt.manifest import Manifest, Model, TensorSpec
+
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
 QUEUE_DELAY_US = 100  # wait up to 0.1 ms for more requests: batching pays off well before that
 
@@ -20,23 +22,23 @@ def model_name(role: str) -> str:
     return f"mp4sr_{role}"
 
 
-def tensor_block(kind: str, entries: list[dict]) -> str:
+def tensor_block(kind: str, entries: tuple[TensorSpec, ...]) -> str:
     """`input [...]` or `output [...]`; the first (batch) axis is Triton's, not listed in dims."""
     items = []
     for e in entries:
-        dims = ", ".join("-1" if isinstance(d, str) else str(d) for d in e["shape"][1:])
-        items.append(f'  {{ name: "{e["name"]}" data_type: {TRITON_TYPES[e["dtype"]]} dims: [ {dims} ] }}')
+        dims = ", ".join("-1" if isinstance(d, str) else str(d) for d in e.shape[1:])
+        items.append(f'  {{ name: "{e.name}" data_type: {TRITON_TYPES[e.dtype]} dims: [ {dims} ] }}')
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
-def config_text(role: str, model: dict, max_batch: int) -> str:
+def config_text(role: str, model: Model, max_batch: int) -> str:
     """config.pbtxt of one model, from its manifest entry."""
     return (
         f'name: "{model_name(role)}"\n'
         'backend: "onnxruntime"\n'
         f"max_batch_size: {max_batch}\n"
-        + tensor_block("input", model["inputs"])
-        + tensor_block("output", model["outputs"])
+        + tensor_block("input", model.inputs)
+        + tensor_block("output", model.outputs)
         + "# Only requests of equal shapes are batched: pad histories (right, item 0) to the\n"
         "# manifest's max_len so that they batch together.\n"
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
@@ -56,14 +58,14 @@ def config_text(role: str, model: dict, max_batch: int) -> str:
     )
 
 
-def write_repository(artifacts: Path, manifest: dict, out: Path, max_batch: int) -> list[str]:
+def write_repository(artifacts: Path, manifest: Manifest, out: Path, max_batch: int) -> list[str]:
     """One Triton model per manifest model, written under `out` (which must not exist yet)."""
     names = []
-    for role, model in manifest["models"].items():
+    for role, model in manifest.models.items():
         name = model_name(role)
         version = out / name / "1"
         version.mkdir(parents=True)
-        shutil.copyfile(artifacts / model["file"], version / "model.onnx")
+        shutil.copyfile(artifacts / model.file, version / "model.onnx")
         (out / name / "config.pbtxt").write_text(config_text(role, model, max_batch), encoding="utf-8")
         names.append(name)
     return names

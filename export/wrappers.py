@@ -1,27 +1,24 @@
 """Tensor-only, positional modules around M2SE: what the ONNX files compute (STYLE 3 and 7).
 
-    Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, 2d)
-    ItemTower(model, id_emb)(text, text_mask, image, image_mask) -> table (n, 2d), inputs (n, 2d)
-    HistoryEncoder(model)(inputs, lengths)                -> user (B, 2d)
+    Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, M d)
+    ItemTower(model, id_emb)(feats, mask, ...)            -> table (n, M d), inputs (n, M d)
+    HistoryEncoder(model)(inputs, lengths)                -> user (B, M d)
     SentenceEncoder(bert, pooling, normalize)(input_ids, attention_mask) -> vectors (B, F)
     ImageEncoder(clip)(pixels)                            -> vectors (B, D), unit rows
 
-Histories are right-padded with item 0 (train/model.py). The concatenations below spell out
-`serving_table` and `user_vector` so that the exported graphs keep a static 2d axis (a Flatten
-would leave it symbolic); parity checks them against those functions.
+M is the model's number of modalities (text, then image; one in a single-modality model), d its
+width. Histories are right-padded with item 0 (train/model.py). The graphs use train.model's own
+`serving_table`, `user_vector` and `concat_modalities`; parity checks the whole against the
+training forward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, untrained_inputs
+from mp4sr_train.features.text import pool_tokens
+from mp4sr_train.model import M2SE, ItemIdEmbedding, concat_modalities, serving_table, untrained_inputs, user_vector
 from torch import Tensor, nn
-
-
-def _concat_normalized(text: Tensor, image: Tensor) -> Tensor:
-    """[x_text / |x_text|, x_image / |x_image|] along the last axis."""
-    return torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1)
 
 
 class Scorer(nn.Module):
@@ -34,8 +31,8 @@ class Scorer(nn.Module):
         self.model = model
         self.k = k
         self.block = block
-        self.register_buffer("inputs", inputs.detach().clone())  # (2, N + 1, d)
-        table = _concat_normalized(inputs[0], inputs[1])  # (N + 1, 2d)
+        self.register_buffer("inputs", inputs.detach().clone())  # (M, N + 1, d)
+        table = serving_table(inputs)  # (N + 1, M d)
         # -inf on the padding column, and on the columns that fill the last block, so they can
         # never enter the top k (k <= N); an additive bias rather than an in-place write keeps
         # the graph a plain MatMul + Add + TopK.
@@ -48,10 +45,10 @@ class Scorer(nn.Module):
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # encode_history, with the last layer computed at the last position alone (encode_last).
-        x = self.inputs[:, ids].flatten(0, 1)  # (2B, L, d): text rows, then image rows
+        x = self.inputs[:, ids].flatten(0, 1)  # (M B, L, d): text rows, then image rows
         lengths = (ids != 0).sum(-1).repeat(len(self.inputs))
-        h = self.model.encode_last(x, lengths).view(len(self.inputs), ids.shape[0], -1)  # (2, B, d)
-        user = _concat_normalized(h[0], h[1])  # (B, 2d)
+        h = self.model.encode_last(x, lengths).view(len(self.inputs), ids.shape[0], -1)  # (M, B, d)
+        user = user_vector(h)  # (B, M d)
         scores = user @ self.table_t + self.pad_bias
         if self.block:
             scores, items = block_topk(scores, self.k, self.block)
@@ -78,6 +75,7 @@ def block_topk(scores: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
 class ItemTower(nn.Module):
     """Feature slots of new items -> their serving rows and sequence-input vectors.
 
+    Inputs: per modality of the model, in its order, the slots (n, S, F) and their mask (n, S).
     Items unseen in training have no trained ID row (SPEC section 4): their vectors are the
     feature-only z, plus, where the model predicts ID rows from features (`id_emb.project`), that
     prediction, as in training (ItemIdEmbedding): table = [c_text, c_image] normalised per
@@ -88,17 +86,19 @@ class ItemTower(nn.Module):
         self.model = model
         self.id_emb = id_emb
 
-    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor]:
-        feats = ItemFeatures(text, text_mask, image, image_mask)
-        z = torch.stack([self.model.adaptor[m](self.model.pool_items(feats, m)) for m in range(2)])  # (2, n, d)
+    def forward(self, feats: Tensor, mask: Tensor, feats_2: Tensor | None = None,
+                mask_2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        slots = [(feats, mask), (feats_2, mask_2)][:len(self.model.cfg.modalities)]
+        z = torch.stack([self.model.adaptor[m](self.model.pool_slots(m, x, x_mask))
+                         for m, (x, x_mask) in enumerate(slots)])  # (M, n, d)
         x = untrained_inputs(z, self.id_emb)
-        return _concat_normalized(x[0], x[1]), torch.cat([x[0], x[1]], dim=-1)
+        return serving_table(x), concat_modalities(x)
 
 
 class HistoryEncoder(nn.Module):
     """Sequence-input vectors of a right-padded history (any items, new ones included) -> user vector.
 
-    `inputs` (B, L, 2d) holds per position [input_text, input_image] (zeros at padding), e.g. rows
+    `inputs` (B, L, M d) holds per position [input_text, input_image] (zeros at padding), e.g. rows
     of the artifact's item_inputs.npy or the item tower's `inputs` output; `lengths` (B,) counts
     the real positions."""
 
@@ -107,10 +107,10 @@ class HistoryEncoder(nn.Module):
         self.model = model
 
     def forward(self, inputs: Tensor, lengths: Tensor) -> Tensor:
-        b = inputs.shape[0]
-        x = torch.cat(inputs.chunk(2, dim=-1), dim=0)  # (2B, L, d): text rows, then image rows
-        h = self.model.encode_last(x, lengths.repeat(2))  # (2B, d), as encode_sequence
-        return _concat_normalized(h[:b], h[b:])
+        m, b = len(self.model.cfg.modalities), inputs.shape[0]
+        x = torch.cat(inputs.chunk(m, dim=-1), dim=0)  # (M B, L, d): text rows, then image rows
+        h = self.model.encode_last(x, lengths.repeat(m))  # (M B, d), as encode_sequence
+        return user_vector(h.view(m, b, -1))
 
 
 class SentenceEncoder(nn.Module):
@@ -127,12 +127,7 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, F)
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return pool_tokens(hidden, attention_mask, self.pooling, self.normalize)
 
 
 class ImageEncoder(nn.Module):

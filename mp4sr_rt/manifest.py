@@ -1,22 +1,262 @@
-"""The artifact directory's manifest.json (docs/artifacts.md): read it, and verify the files it lists.
+"""The artifact directory's manifest.json (docs/artifacts.md), typed: written by the exporter,
+read by the runtime, loaded strictly field by field. Standard library only (no torch, no onnx).
 
-Standard library only: the serving runtime imports this without torch or onnx.
+    manifest = verify_artifacts("mp4sr-out/artifacts")   # Manifest; ArtifactError naming the key or file
+    manifest.models["scorer"].file, manifest.modalities, manifest.item_dim
+    manifest.to_dict()                                     # what json.dumps writes
 
-    manifest = verify_artifacts("mp4sr-out/artifacts")   # raises ArtifactError naming the file
-    scorer = manifest["models"]["scorer"]                  # file, inputs, outputs, precision...
+A manifest is refused, with the key named, when a key is unknown or missing, a value has the
+wrong type or range, a path leaves the directory, or a file the runtime reads is not listed in
+`files` (every one is, with its size and sha256, so nothing it reads can change unseen).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from pathlib import Path
-from typing import Any
+import math
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Union
+
+import numpy as np
 
 from mp4sr_rt.errors import ArtifactError
 
-SCHEMA = "mp4sr-artifacts/1"
+SCHEMA = "mp4sr-artifacts/2"
 MANIFEST = "manifest.json"
+MODALITIES = ("text", "image")  # in this order wherever a model has both
+REQUIRED_MODELS = ("scorer", "item_tower", "history_encoder")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what the runtime reads of the tokenizer folder
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ArtifactError):
+    """A manifest that does not follow docs/artifacts.md; the message names the key."""
+
+
+def _check(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ManifestError(f"{where}: {message}")
+
+
+def _relative(path: str, where: str) -> str:
+    """A path inside the artifact directory: relative, posix, without '..'."""
+    p = PurePosixPath(path)
+    _check(bool(path) and not p.is_absolute() and ".." not in p.parts and "\\" not in path,
+           where, f"{path!r} is not a relative path inside the artifact directory")
+    return path
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints, or the names of dynamic axes
+
+
+@dataclass(frozen=True)
+class TensorRTEngine:
+    file: str
+    profile: dict[str, tuple[tuple[int, ...], ...]]  # per input: [min, opt, max] shapes
+
+
+@dataclass(frozen=True)
+class Model:
+    file: str
+    opset: int
+    precision: str  # of the weights and compute; inputs and outputs are fp32 at every precision
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tensorrt: TensorRTEngine | None = None
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    path: str
+    sha256: str
+    stage: str | None
+
+
+@dataclass(frozen=True)
+class Features:
+    encoder: str | None  # the text encoder that made the features, None for precomputed ones
+    dim: int  # F
+    max_slots: int
+    values_sha256: str | None  # of the feature values the model was trained on
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    tokenizer: str  # folder of the Hugging Face tokenizer files
+    max_tokens: int
+    pooling: str
+    max_sentences: int
+    sentences: str
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    image_size: int
+    layout: str
+    resize: str
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_images: int
+    words: int
+    prompt: str
+    vocabulary: str  # JSON list of the CLIP words
+    word_vectors: str  # .npy float32 (W, D) unit rows
+    describe: str
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    text: TextPreprocessing
+    image: ImagePreprocessing | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema: str
+    created: str
+    tool_versions: dict[str, str]
+    source_checkpoint: SourceCheckpoint
+    precision: str  # fp32 | fp16
+    padding: str  # right
+    pad_id: int  # 0
+    max_len: int  # L
+    top_k: int  # K, the most the scorer returns
+    topk_block: int  # 0, or the block size of the scorer's two-stage top k
+    int8_scan: int  # 0, or the candidates of the scorer's int8 scan
+    modalities: tuple[str, ...]  # the model's, in order: ("text", "image"), ("text",) or ("image",)
+    dim: int  # len(modalities) * d: width of the user vector and of a serving row
+    num_items: int  # N
+    max_batch: int
+    vocabulary: str  # items.json
+    item_inputs: str  # item_inputs.npy
+    features: Features
+    models: dict[str, Model]
+    parity: dict[str, dict[str, dict[str, int | float | bool]]]  # role -> backend -> figure
+    files: dict[str, FileEntry]
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        where = MANIFEST
+        _check(self.schema == SCHEMA, f"{where} schema", f"{self.schema!r}, expected {SCHEMA!r}; "
+               "re-export with this version")
+        _check(self.precision in ("fp32", "fp16"), f"{where} precision", f"{self.precision!r} is not fp32 or fp16")
+        _check(self.padding == "right" and self.pad_id == 0, f"{where} padding", "only right padding with id 0")
+        for name in ("max_len", "num_items", "max_batch", "top_k", "dim"):
+            _check(getattr(self, name) >= 1, f"{where} {name}", f"expected >= 1, got {getattr(self, name)}")
+        for name in ("topk_block", "int8_scan"):
+            _check(getattr(self, name) >= 0, f"{where} {name}", f"expected >= 0, got {getattr(self, name)}")
+        _check(self.top_k <= self.num_items, f"{where} top_k", f"{self.top_k} > num_items {self.num_items}")
+        m = self.modalities
+        _check(len(m) >= 1 and len(set(m)) == len(m) and list(m) == [n for n in MODALITIES if n in m],
+               f"{where} modalities", f"{list(m)}: distinct names among {', '.join(MODALITIES)}, in that order")
+        _check(self.dim % len(m) == 0, f"{where} dim", f"{self.dim} is not a multiple of {len(m)} modalities")
+        for role in REQUIRED_MODELS:
+            _check(role in self.models, f"{where} models", f"no {role!r} model")
+        for name, entry in self.files.items():
+            _relative(name, f"{where} files")
+            _check(bool(_SHA256.fullmatch(entry.sha256)), f"{where} files.{name}.sha256", "not a sha256 hex digest")
+            _check(entry.bytes >= 0, f"{where} files.{name}.bytes", "negative")
+        for path, key in self.read_files():
+            _check(_relative(path, f"{where} {key}") in self.files, f"{where} {key}",
+                   f"{path!r} is not listed in files (every file the runtime reads is hashed)")
+        if self.preprocessing is not None:
+            folder = _relative(self.preprocessing.text.tokenizer, f"{where} preprocessing.text.tokenizer")
+            for name in TOKENIZER_FILES:
+                _check(f"{folder}/{name}" in self.files, f"{where} preprocessing.text.tokenizer",
+                       f"{folder}/{name} is not listed in files")
+
+    @property
+    def item_dim(self) -> int:
+        """d: the width of one modality's part of a user vector or serving row."""
+        return self.dim // len(self.modalities)
+
+    def read_files(self) -> list[tuple[str, str]]:
+        """(path, manifest key) of every single file the runtime may read."""
+        paths = [(self.vocabulary, "vocabulary"), (self.item_inputs, "item_inputs")]
+        for role, model in self.models.items():
+            paths.append((model.file, f"models.{role}.file"))
+            if model.tensorrt is not None:
+                paths.append((model.tensorrt.file, f"models.{role}.tensorrt.file"))
+        image = self.preprocessing.image if self.preprocessing else None
+        if image is not None:
+            paths += [(image.vocabulary, "preprocessing.image.vocabulary"),
+                      (image.word_vectors, "preprocessing.image.word_vectors")]
+        return paths
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> Manifest:
+        """Strict: unknown or missing keys and wrong types are ManifestErrors naming the key."""
+        return _build(cls, values, MANIFEST)
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as type `tp`: dataclasses field by field, containers element by element."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            _check(type(None) in args, where, "expected a value, got null")
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # int | str: the first that fits
+            try:
+                return _build(option, value, where)
+            except ManifestError as e:
+                error = e
+        if len(options) == 1:
+            raise error
+        raise ManifestError(f"{where}: expected {' or '.join(a.__name__ for a in options)}, got {value!r:.60}")
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), where, f"expected an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp, vars(sys.modules[__name__]))
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        _check(not unknown, where, f"unknown key(s) {', '.join(unknown)}")
+        missing = [n for n, f in fields.items() if n not in value and f.default is dataclasses.MISSING]
+        _check(not missing, where, f"missing key(s) {', '.join(missing)}")
+        return tp(**{n: _build(hints[n], v, f"{where} {n}" if where == MANIFEST else f"{where}.{n}")
+                     for n, v in value.items()})
+    if origin is tuple:
+        _check(isinstance(value, list), where, f"expected a list, got {type(value).__name__}")
+        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _check(isinstance(value, dict), where, f"expected an object, got {type(value).__name__}")
+        return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+               where, f"expected a finite number, got {value!r:.60}")
+        return float(value)
+    _check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)),
+           where, f"expected {tp.__name__}, got {value!r:.60}")
+    return value
 
 
 def file_sha256(path: str | Path) -> str:
@@ -27,44 +267,63 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def hash_files(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {"sha256", "bytes"}} for every file under `directory` but the manifest."""
+def hash_files(directory: str | Path) -> dict[str, FileEntry]:
+    """{relative posix path: FileEntry} for every file under `directory` but the manifest."""
     directory = Path(directory)
     return {
-        p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        p.relative_to(directory).as_posix(): FileEntry(file_sha256(p), p.stat().st_size)
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST
     }
 
 
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    """The parsed manifest of an artifact directory, after checking its schema version."""
+def load_manifest(directory: str | Path) -> Manifest:
+    """The manifest of an artifact directory, validated (not yet its files: verify_artifacts)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"no artifacts at {directory} (missing {MANIFEST}); run `mp4sr-rt export` first")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        found = manifest.get("schema") if isinstance(manifest, dict) else None
+    if not isinstance(values, dict) or values.get("schema") != SCHEMA:
+        found = values.get("schema") if isinstance(values, dict) else None
         raise ArtifactError(f"{path}: schema {found!r}, expected {SCHEMA!r}; re-export with this version")
-    return manifest
+    try:
+        return Manifest.from_dict(values)
+    except ManifestError as e:
+        raise ManifestError(f"{Path(directory)}/{e}") from None
 
 
-def verify_artifacts(directory: str | Path) -> dict[str, Any]:
-    """load_manifest, then check that every listed file exists with its size and sha256, and that
-    every model file is among them. Returns the manifest."""
+def verify_artifacts(directory: str | Path) -> Manifest:
+    """load_manifest, then check that every listed file exists with its size and sha256."""
     directory = Path(directory)
     manifest = load_manifest(directory)
-    files = manifest.get("files", {})
-    for role, model in manifest.get("models", {}).items():
-        if model.get("file") not in files:
-            raise ArtifactError(f"{directory / MANIFEST}: model {role!r} file {model.get('file')!r} is not listed")
-    for name, expected in files.items():
+    for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact file missing: {path}")
-        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected.bytes or file_sha256(path) != expected.sha256:
             raise ArtifactError(f"artifact file corrupted (sha256 differs from the manifest): {path}")
     return manifest
+
+
+def load_array(path: Path, dtype: str, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:
+    """A listed .npy file, without pickles, of the dtype and shape the manifest implies (None:
+    any size on that axis)."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{path}: not a plain .npy array ({' '.join(str(e).split())[:200]})") from None
+    if array.dtype != np.dtype(dtype) or array.ndim != len(shape) or any(
+            want is not None and got != want for got, want in zip(array.shape, shape, strict=True)):
+        expected = ", ".join("any" if s is None else str(s) for s in shape)
+        raise ArtifactError(f"{path}: {array.dtype} {array.shape}, expected {dtype} ({expected})")
+    return array
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from mp4sr_rt.errors import ArtifactError, UserError
+from mp4sr_rt.manifest import Manifest, load_array, load_json
 
 MAX_SENTENCES = 10
 # A sentence ends at . ! ? before whitespace (so "3.5 kg" stays whole), after CJK full stops,
@@ -99,16 +100,12 @@ class Encoders(Protocol):
 class RawEncoders:
     """The artifacts' text and image encoders with their pre- and post-processing."""
 
-    def __init__(self, directory: Path, manifest: dict, backend: Encoders):
+    def __init__(self, directory: Path, manifest: Manifest, backend: Encoders):
         self.directory = Path(directory)
         self.backend = backend
-        self.text = manifest.get("preprocessing", {}).get("text")
-        self.image = manifest.get("preprocessing", {}).get("image")
-        models = manifest["models"]
-        if self.text is None or "text_encoder" not in models:
-            self.text = None
-        if self.image is None or "image_encoder" not in models:
-            self.image = None
+        preprocessing = manifest.preprocessing
+        self.text = preprocessing.text if preprocessing and "text_encoder" in manifest.models else None
+        self.image = preprocessing.image if preprocessing and "image_encoder" in manifest.models else None
         self._tokenizer = None
         self._pad_id = 0  # the tokenizer's [PAD] id, read with the tokenizer
         self._words: tuple[list[str], np.ndarray] | None = None
@@ -130,12 +127,12 @@ class RawEncoders:
         self._check(texts is not None, images is not None)
         feeds = {}
         if texts is not None:
-            rows = [split_sentences(_strings(fields, "texts", i), self.text["max_sentences"])
+            rows = [split_sentences(_strings(fields, "texts", i), self.text.max_sentences)
                     for i, fields in enumerate(_per_item(texts, n, "texts"))]
-            feeds.update(_packed("text", rows, self._sentence_vectors(rows), dim))
+            feeds["text_feats"], feeds["text_mask"] = pack_slots(rows, self._sentence_vectors(rows), dim)
         if images is not None:
             rows = self._describe(_per_item(images, n, "images"))
-            feeds.update(_packed("image", rows, self._sentence_vectors(rows), dim))
+            feeds["image_feats"], feeds["image_mask"] = pack_slots(rows, self._sentence_vectors(rows), dim)
         return feeds
 
     # -- text ------------------------------------------------------------------------------
@@ -167,14 +164,16 @@ class RawEncoders:
                 from tokenizers import Tokenizer
             except ImportError:
                 raise UserError("raw item texts need the `tokenizers` package (pip install tokenizers)") from None
-            folder = self.directory / self.text["tokenizer"]
+            folder = self.directory / self.text.tokenizer
             try:
                 tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
                 config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+                if not isinstance(config, dict):
+                    raise ValueError("tokenizer_config.json is not a JSON object")
             except Exception as e:  # tokenizers raises its own exception type
                 raise ArtifactError(f"{folder}: the tokenizer cannot be loaded ({e})") from None
             tokenizer.no_padding()  # padded per batch below, to the batch's longest sentence
-            tokenizer.enable_truncation(max_length=int(self.text["max_tokens"]))
+            tokenizer.enable_truncation(max_length=self.text.max_tokens)
             pad = tokenizer.token_to_id(config.get("pad_token") or "[PAD]")
             self._pad_id = 0 if pad is None else pad
             self._tokenizer = tokenizer
@@ -186,14 +185,14 @@ class RawEncoders:
         """Per item, one pseudo-sentence per image (its first max_images images)."""
         spec = self.image
         pairs = [(row, source) for row, sources in enumerate(images)
-                 for source in _sources(sources, row)[:spec["max_images"]]]
+                 for source in _sources(sources, row)[:spec.max_images]]
         vocabulary, words = self._word_vectors()
         described: list[list[str]] = [[] for _ in images]
         for start in range(0, len(pairs), IMAGE_BATCH):  # decoded per batch: bounded memory
             batch = pairs[start:start + IMAGE_BATCH]
             pixels = np.stack([self._pixels(source) for _, source in batch])
             vectors = self.backend.embed("image_encoder", {"pixels": pixels})
-            for (row, _), sentence in zip(batch, top_words(vectors, words, vocabulary, spec["words"]), strict=True):
+            for (row, _), sentence in zip(batch, top_words(vectors, words, vocabulary, spec.words), strict=True):
                 described[row].append(sentence)
         return described
 
@@ -210,15 +209,15 @@ class RawEncoders:
         image = decode_image(data)
         if image is None:
             raise UserError(f"add_items: image {name} is not a readable image (truncated or unknown format)")
-        return clip_pixels(image, spec["image_size"], spec["mean"], spec["std"])
+        return clip_pixels(image, spec.image_size, spec.mean, spec.std)
 
     def _word_vectors(self) -> tuple[list[str], np.ndarray]:
         if self._words is None:
-            vocabulary = json.loads((self.directory / self.image["vocabulary"]).read_text(encoding="utf-8"))
-            words = np.load(self.directory / self.image["word_vectors"])
-            if words.shape[0] != len(vocabulary):
-                raise ArtifactError(f"{self.directory}: {len(vocabulary)} vocabulary words but "
-                                    f"{words.shape[0]} word vectors")
+            path = self.directory / self.image.vocabulary
+            vocabulary = load_json(path)
+            if not isinstance(vocabulary, list) or not vocabulary or not all(isinstance(w, str) for w in vocabulary):
+                raise ArtifactError(f"{path}: expected a non-empty JSON list of words")
+            words = load_array(self.directory / self.image.word_vectors, "float32", (len(vocabulary), None))
             self._words = vocabulary, words
         return self._words
 
@@ -245,10 +244,10 @@ def _sources(sources, row: int) -> list[str | Path | bytes]:
     return list(sources)
 
 
-def _packed(modality: str, rows: list[list[str]], vectors: dict[str, np.ndarray],
-            dim: int) -> dict[str, np.ndarray]:
-    """{modality}_feats float32 (n, S, dim) and {modality}_mask bool (n, S), S the longest row
-    (at least 1); an item without any sentence gets an all-false mask row."""
+def pack_slots(rows: list[list[str]], vectors: dict[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """One slot per sentence: features float32 (n, S, dim) and mask bool (n, S), S the longest
+    row (at least 1); an item without any sentence gets an all-false mask row. `mp4sr-rt
+    features` packs the features file the same way."""
     slots = max([len(row) for row in rows] + [1])
     feats = np.zeros((len(rows), slots, dim), dtype=np.float32)
     mask = np.zeros((len(rows), slots), dtype=bool)
@@ -256,4 +255,4 @@ def _packed(modality: str, rows: list[list[str]], vectors: dict[str, np.ndarray]
         for j, sentence in enumerate(row):
             feats[i, j] = vectors[sentence]
             mask[i, j] = True
-    return {f"{modality}_feats": feats, f"{modality}_mask": mask}
+    return feats, mask

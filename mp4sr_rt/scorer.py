@@ -23,7 +23,6 @@ there a batch is padded to L once and the catalogue is scanned once per call, no
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 from mp4sr_rt.backends import Backend, open_backend
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.histories import ItemId
-from mp4sr_rt.manifest import verify_artifacts
+from mp4sr_rt.manifest import load_array, load_json, verify_artifacts
 from mp4sr_rt.raw import RawEncoders
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
@@ -82,16 +81,17 @@ class Scorer:
         intra-op threads of the CPU backend (0: one per core)."""
         self.directory = Path(artifacts)
         self.manifest = verify_artifacts(self.directory)  # hashes and schema: ArtifactError naming the file
-        self.max_len, self.top_k = self.manifest["max_len"], self.manifest["top_k"]
-        self.num_base = self.manifest["num_items"]
+        self.max_len, self.top_k = self.manifest.max_len, self.manifest.top_k
+        self.num_base = self.manifest.num_items
+        self.modalities = self.manifest.modalities
         self._item_ids, popularity = self._read_vocabulary()
         self._index = {str(item): i + 1 for i, item in enumerate(self._item_ids)}
         self._popularity = np.asarray(popularity, dtype=np.float64)
         # Most popular first; ties by catalogue order (as the training popularity baseline).
         self._popular = np.argsort(-self._popularity, kind="stable") + 1
         # Read on demand: only the added-item and overflow paths touch these.
-        inputs_file = self.manifest.get("item_inputs", "item_inputs.npy")
-        self._item_inputs = np.load(self.directory / inputs_file, mmap_mode="r")
+        self._item_inputs = load_array(self.directory / self.manifest.item_inputs, "float32",
+                                       (self.num_base + 1, self.manifest.dim), mmap=True)
         self._table: np.ndarray | None = None
         self._added = _Added()
         self._write_lock = threading.Lock()
@@ -105,12 +105,21 @@ class Scorer:
         self.rescans = 0
 
     def _read_vocabulary(self) -> tuple[list[ItemId], list[float]]:
-        path = self.directory / self.manifest.get("vocabulary", "items.json")
-        vocabulary = json.loads(path.read_text(encoding="utf-8"))
+        path = self.directory / self.manifest.vocabulary
+        vocabulary = load_json(path)
+        if not isinstance(vocabulary, dict) or set(vocabulary) != {"items", "popularity"}:
+            raise ArtifactError(f"{path}: expected an object with the keys items and popularity")
         items, popularity = vocabulary["items"], vocabulary["popularity"]
-        if len(items) != self.num_base or len(popularity) != self.num_base:
-            raise ArtifactError(f"{path}: {len(items)} items and {len(popularity)} counts, "
-                                f"manifest says {self.num_base}")
+        if not isinstance(items, list) or not isinstance(popularity, list) or \
+                len(items) != self.num_base or len(popularity) != self.num_base:
+            raise ArtifactError(f"{path}: items and popularity must be lists of the manifest's "
+                                f"{self.num_base} items")
+        if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in items) or \
+                len({str(i) for i in items}) != len(items):
+            raise ArtifactError(f"{path}: item ids must be distinct strings or integers")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                   for c in popularity):
+            raise ArtifactError(f"{path}: popularity must hold finite counts >= 0")
         return items, popularity
 
     @property
@@ -245,7 +254,8 @@ class Scorer:
         if self._table is None:
             with self._write_lock:
                 if self._table is None:
-                    self._table = _serving_rows(np.asarray(self._item_inputs, dtype=np.float32))
+                    self._table = serving_rows(np.asarray(self._item_inputs, dtype=np.float32),
+                                               len(self.modalities))
         return self._table
 
     # -- new items -------------------------------------------------------------------------
@@ -267,6 +277,9 @@ class Scorer:
         for modality, raw in (("text", texts), ("image", images)):
             if raw is not None and f"{modality}_feats" in features:
                 raise UserError(f"add_items: give {modality}s or {modality}_feats, not both")
+            if raw is not None and modality not in self.modalities:
+                raise UserError(f"add_items: {modality}s given, but this model's modalities are "
+                                f"{', '.join(self.modalities)} only")
         if texts is not None or images is not None:
             features = {**features, **self._raw.features(len(ids), self._feature_dim(), texts, images)}
         table, inputs = self.backend.encode_items(self._item_tower_feeds(len(ids), features))
@@ -298,21 +311,23 @@ class Scorer:
         if unknown:
             raise UserError(
                 f"add_items: unknown feature {unknown[0]!r}; expected {', '.join(FEATURES)}")
-        if not any(name in features for name in ("text_feats", "image_feats")):
-            raise UserError("add_items: give texts and/or images, or precomputed text_feats "
-                            "and/or image_feats")
+        model = ", ".join(self.modalities)
+        extra = sorted(n for n in features if n.split("_")[0] not in self.modalities)
+        if extra:
+            raise UserError(f"add_items: {extra[0]!r}: this model's modalities are {model} only")
+        if not any(f"{name}_feats" in features for name in self.modalities):
+            raise UserError(f"add_items: give features of the model's modalities ({model}): raw "
+                            f"{' or '.join(m + 's' for m in self.modalities)}, or precomputed "
+                            f"{' or '.join(m + '_feats' for m in self.modalities)}")
         feat_dim = self._feature_dim()
         feeds = {}
-        for modality in ("text", "image"):
+        for modality in self.modalities:
             feats, mask = features.get(f"{modality}_feats"), features.get(f"{modality}_mask")
             feeds.update(_modality_feeds(modality, feats, mask, n, feat_dim))
         return feeds
 
     def _feature_dim(self) -> int:
-        tower = self.manifest["models"].get("item_tower")
-        if tower is None:
-            raise ArtifactError(f"{self.directory}: no item_tower model, so no items can be added")
-        dim = tower["inputs"][0]["shape"][-1]
+        dim = self.manifest.models["item_tower"].inputs[0].shape[-1]
         if not isinstance(dim, int):
             raise ArtifactError(f"{self.directory}: item_tower feature size is not fixed ({dim!r})")
         return dim
@@ -339,11 +354,12 @@ def _modality_feeds(modality: str, feats: np.ndarray | None, mask: np.ndarray | 
     return {f"{modality}_feats": feats, f"{modality}_mask": mask}
 
 
-def _serving_rows(inputs: np.ndarray) -> np.ndarray:
-    """[x_text/|x_text|, x_image/|x_image|] per row, as F.normalize (eps 1e-12) computes it."""
-    halves = np.split(inputs, 2, axis=1)
-    return np.concatenate([h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-                           for h in halves], axis=1)
+def serving_rows(inputs: np.ndarray, modalities: int) -> np.ndarray:
+    """[x_text/|x_text|, x_image/|x_image|] per row of sequence-input vectors (n, M d), as
+    F.normalize (eps 1e-12) computes it: the serving table (SPEC section 4)."""
+    parts = np.split(inputs, modalities, axis=1)
+    return np.concatenate([x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                           for x in parts], axis=1)
 
 
 def _top_indices(scores: np.ndarray, k: int) -> list[int]:

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mp4sr_cli import app
-from mp4sr_rt.errors import ArtifactError
+from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.manifest import SCHEMA, verify_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,12 @@ def exported(tiny_run, tmp_path_factory) -> tuple[Path, Path, dict]:
     result = cli(tiny_run, "--out", out, "--top-k", 20, "--triton", triton)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["artifacts"] == str(out)
-    return out, triton, verify_artifacts(out)
+    return out, triton, plain(verify_artifacts(out))
+
+
+def plain(manifest) -> dict:
+    """A Manifest as the JSON it is written as."""
+    return json.loads(json.dumps(manifest.to_dict()))
 
 
 def test_fp32_export_passes_the_gate_and_describes_itself(exported):
@@ -85,7 +90,7 @@ def test_two_stage_top_k_returns_the_same_items(exported, tiny_run, tmp_path, bl
     out = tmp_path / "artifacts"
     result = cli(tiny_run, "--out", out, "--top-k", 20, "--topk-block", block)
     assert result.exit_code == 0, result.stderr
-    assert verify_artifacts(out)["topk_block"] == block
+    assert verify_artifacts(out).topk_block == block
     ids = np.random.default_rng(block).integers(0, 61, size=(300, 6))
     ids[:, 0] = np.maximum(ids[:, 0], 1)
     one, blocks = (ort.InferenceSession(str(d / "scorer.onnx")).run(None, {"ids": ids}) for d in (exported[0], out))
@@ -162,7 +167,7 @@ def test_int8_scan_export(exported, tiny_run, tmp_path):
     out = tmp_path / "artifacts"
     result = cli(tiny_run, "--out", out, "--top-k", 10, "--int8-scan", 12)  # certifies about half
     assert result.exit_code == 0, result.stderr
-    manifest = verify_artifacts(out)
+    manifest = plain(verify_artifacts(out))
     assert manifest["int8_scan"] == 12 and exported[2]["int8_scan"] == 0
     assert manifest["models"]["scorer"]["outputs"][3] == {"name": "bound", "dtype": "float32", "shape": ["batch", 1]}
     figures = manifest["parity"]["scorer"]["onnxruntime"]
@@ -205,8 +210,8 @@ def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, 
 
     out = tmp_path / "artifacts"
     shutil.copytree(exported[0], out)
-    manifest = export(tiny_run, out, fp16=True, top_k=20)
-    assert verify_artifacts(out)["precision"] == "fp16" == manifest["precision"]
+    manifest = plain(export(tiny_run, out, fp16=True, top_k=20))
+    assert verify_artifacts(out).precision == "fp16" == manifest["precision"]
     for role, model in manifest["models"].items():
         assert {e["dtype"] for e in model["inputs"] + model["outputs"]} <= {"float32", "int64", "bool"}
         f = manifest["parity"][role]["onnxruntime"]
@@ -338,10 +343,8 @@ def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run,
     import mp4sr_export.run as export_run
     import onnxruntime as ort
 
-    specs = export_run.model_specs
-    monkeypatch.setattr(export_run, "model_specs", lambda ckpt, k, b: specs(ckpt, k, b)[:1])  # scorer + extractors
     out = tmp_path / "artifacts"
-    manifest = export_run.export(extractor_run, out, fp16=True, top_k=20, triton_dir=tmp_path / "triton")
+    manifest = plain(export_run.export(extractor_run, out, fp16=True, top_k=20, triton_dir=tmp_path / "triton"))
     verify_artifacts(out)
     models = manifest["models"]
     assert (models["text_encoder"]["precision"], models["scorer"]["precision"]) == ("fp32", "fp16")
@@ -355,3 +358,56 @@ def test_feature_extractors_are_exported_with_their_preprocessing(extractor_run,
     vectors = ort.InferenceSession(str(out / "image_encoder.onnx")).run(None, {"pixels": pixels})[0]
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     assert (out / manifest["preprocessing"]["text"]["tokenizer"] / "tokenizer.json").is_file()
+
+
+def test_a_text_only_catalogue_trains_exports_and_serves_one_modality(tiny_data_dir, tmp_path):
+    """No item has an image: `train` leaves the image modality out (and says so), the fp16 export
+    records one modality, and `score`, new items and the C++ example work on it."""
+    import dataclasses
+
+    import onnxruntime as ort
+    from mp4sr_train.features.store import read_features, save_features
+
+    from mp4sr_rt import Scorer
+
+    arrays = read_features(tiny_data_dir / "features.safetensors")
+    features = tmp_path / "text-only.safetensors"
+    save_features(features, dataclasses.replace(arrays, image_mask=np.zeros_like(arrays.image_mask)))
+    run, out = tmp_path / "run", tmp_path / "artifacts"
+    python = [sys.executable, "-m", "mp4sr_cli"]
+    trained = subprocess.run([*python, "train", "--preset", "tiny", "--data", str(tiny_data_dir), "--features",
+                              str(features), "--out", str(run), "--epochs", "1", "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert "no item has image features; the model uses text only" in trained.stderr
+    result = cli(run, "--out", out, "--fp16", "--top-k", 20)
+    assert result.exit_code == 0, result.stderr
+    manifest = verify_artifacts(out)
+    assert manifest.modalities == ("text",) and manifest.dim == manifest.item_dim == 16
+    assert [t.name for t in manifest.models["item_tower"].inputs] == ["text_feats", "text_mask"]
+    assert np.load(out / "item_inputs.npy").shape == (61, 16)
+
+    items = json.loads((out / "items.json").read_text())["items"]
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([items[:3], items[5:9]]))
+    scored = subprocess.run([*python, "score", str(history), "--artifacts", str(out), "-k", "5"],
+                            capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stderr
+    assert [len(r["items"]) for r in json.loads(scored.stdout)] == [5, 5]
+
+    scorer = Scorer(out, backend="cpu")
+    scorer.add_items(["new"], text_feats=np.ones((1, 2, 12), np.float32))
+    [rec] = scorer.score([["new", items[0]]], k=3)
+    assert len(rec.items) == 3 and rec.unknown_items == []
+    with pytest.raises(UserError, match="modalities are text only"):
+        scorer.add_items(["new-2"], image_feats=np.ones((1, 1, 12), np.float32))
+
+    if shutil.which("g++") is None or ort_headers() is None:
+        assert not REQUIRE_CPP, "CI needs g++ and the onnxruntime headers for the C++ example"
+        return
+    env = {**os.environ, "ORT_INCLUDE_DIR": str(ort_headers()), "PYTHON": sys.executable}
+    subprocess.run(["bash", ROOT / "examples/cpp/build.sh", tmp_path], check=True, env=env, capture_output=True)
+    cpp = subprocess.run([tmp_path / "score", out, *items[:3]], check=True, capture_output=True, text=True)
+    ids = np.array([[1, 2, 3]])
+    _, top, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
+    assert [line.split("\t")[0] for line in cpp.stdout.splitlines()] == [items[i - 1] for i in top[0, :10]]

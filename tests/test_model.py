@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from mp4sr_train import config as config_lib
 from mp4sr_train.config import IdConfig, TrainConfig, preset
 from mp4sr_train.model import (
     M2SE,
@@ -243,15 +244,23 @@ def test_random_drop_keeps_first_and_compacts():
         assert row[len(real):] == [0] * (6 - len(real))  # compacted left
 
 
-def test_pretraining_skips_a_modality_no_item_has(feats):
-    """Text-only catalogue: no image NIP, no mixup or CMCL against the constant missing vector."""
+def test_a_modality_no_item_has_leaves_the_model(feats):
+    """Text-only catalogue: the model is text-only (no image tower, no mixup or CMCL against the
+    constant missing vector), unless train.skip_absent_modalities is off."""
+    from mp4sr_train.config import present_modalities
+
     text_only = dataclasses.replace(feats, image_mask=torch.zeros_like(feats.image_mask))
     assert text_only.present() == ("text",) and feats.present() == ("text", "image")
+    cfg, dropped = present_modalities(preset("tiny"), text_only.present())
+    assert cfg.model.modalities == ("text",) and dropped == ("image",)
+    assert present_modalities(preset("tiny"), feats.present()) == (preset("tiny"), ())
+    kept = config_lib.replace(preset("tiny"), {"train.skip_absent_modalities": False})
+    assert present_modalities(kept, text_only.present()) == (kept, ())
     torch.manual_seed(0)
-    model = M2SE(preset("tiny").model, FEAT).train()
     ids, targets = histories(), torch.tensor([4, 9, 13])
-    _, parts = pretrain_loss(model, text_only, ids, targets, TrainConfig(), torch.Generator().manual_seed(0))
+    _, parts = pretrain_loss(M2SE(cfg.model, FEAT).train(), text_only, ids, targets, cfg.train,
+                             torch.Generator().manual_seed(0))
     assert set(parts) == {"nip_text"}
-    _, parts = pretrain_loss(model, text_only, ids, targets, TrainConfig(skip_absent_modalities=False),
+    _, parts = pretrain_loss(M2SE(kept.model, FEAT).train(), text_only, ids, targets, kept.train,
                              torch.Generator().manual_seed(0))
     assert set(parts) == {"nip_text", "nip_image", "cmcl"}

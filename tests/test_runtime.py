@@ -3,6 +3,7 @@ batch independence, unknown items and fallback, items added at serve time, the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -165,6 +166,88 @@ def rewrite_manifest(directory: Path, change) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest))
 
 
+def rehash(directory: Path) -> None:
+    """List and hash the directory's files as they are now, as someone editing artifacts would."""
+    files = {name: dataclasses.asdict(entry) for name, entry in hash_files(directory).items()}
+    rewrite_manifest(directory, lambda m: m.update(files=files))
+
+
+def _drop(key):
+    return lambda m: m.pop(key)
+
+
+def _set(path, value):
+    def change(m):
+        *parents, leaf = path.split(".")
+        for key in parents:
+            m = m[key]
+        m[leaf] = value
+    return change
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_set("files", ["scorer.onnx"]), "files: expected an object"),
+    (lambda m: m["files"].update({"items.json": {"bytes": 3}}), "files.items.json: missing key.*sha256"),
+    (_drop("files"), "missing key.*files"),
+    (_drop("models"), "missing key.*models"),
+    (_drop("max_len"), "missing key.*max_len"),
+    (_set("top_k", "20"), "top_k: expected int"),
+    (_set("top_k", 10_000), "top_k: 10000 > num_items"),
+    (_set("max_len", True), "max_len: expected int"),
+    (_set("surprise", 1), "unknown key.*surprise"),
+    (_set("modalities", ["image", "text"]), "modalities"),
+    (_set("dim", 33), "dim: 33 is not a multiple"),
+    (_set("vocabulary", "../items.json"), "vocabulary: '../items.json' is not a relative path"),
+    (_set("item_inputs", "/etc/passwd"), "item_inputs: '/etc/passwd' is not a relative path"),
+    (_set("models.scorer.inputs", [{"name": "ids"}]), "models.scorer.inputs\\[0\\]: missing key"),
+    (lambda m: m["files"].pop("items.json"), "vocabulary: 'items.json' is not listed"),
+    (lambda m: m["models"].pop("history_encoder"), "no 'history_encoder' model"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_malformed_manifest_is_refused_naming_the_key(artifacts_copy, change, message):
+    rewrite_manifest(artifacts_copy, change)
+    with pytest.raises(ArtifactError, match=message):
+        Scorer(artifacts_copy, backend="cpu")
+
+
+def test_files_edited_and_rehashed_are_checked_for_what_they_hold(artifacts_copy):
+    """A listed file whose hash was updated is still read with care: no pickles, the manifest's
+    shape and dtype, a well-formed vocabulary."""
+    inputs = np.load(artifacts_copy / "item_inputs.npy")
+    for replacement, message in (
+        (lambda path: np.save(path, np.array([{"x": 1}], dtype=object)), "not a plain .npy array"),
+        (lambda path: np.save(path, inputs[:-1]), r"expected float32 \(61, 32\)"),
+        (lambda path: np.save(path, inputs.astype(np.float64)), "float64"),
+        (lambda path: path.write_bytes(b"garbage"), "not a plain .npy array"),
+    ):
+        replacement(artifacts_copy / "item_inputs.npy")
+        rehash(artifacts_copy)
+        with pytest.raises(ArtifactError, match=message):
+            Scorer(artifacts_copy, backend="cpu")
+    np.save(artifacts_copy / "item_inputs.npy", inputs)
+    vocabulary = json.loads((artifacts_copy / "items.json").read_text())
+    for edited, message in (
+        ("{not json", "not valid JSON"),
+        (json.dumps({**vocabulary, "popularity": [1e9] * 59 + [-1]}), "popularity must hold finite counts >= 0"),
+        (json.dumps({**vocabulary, "items": vocabulary["items"][:-1]}), "lists of the manifest's 60 items"),
+        (json.dumps({**vocabulary, "items": [vocabulary["items"][0]] * 60}), "distinct"),
+        (json.dumps([vocabulary]), "expected an object"),
+    ):
+        (artifacts_copy / "items.json").write_text(edited)
+        rehash(artifacts_copy)
+        with pytest.raises(ArtifactError, match=message):
+            Scorer(artifacts_copy, backend="cpu")
+
+
+def test_an_edited_unlisted_vocabulary_is_refused(artifacts_copy):
+    """items.json edited and taken out of `files`: refused, not served."""
+    vocabulary = json.loads((artifacts_copy / "items.json").read_text())
+    vocabulary["popularity"] = [10**9] * len(vocabulary["popularity"])
+    (artifacts_copy / "items.json").write_text(json.dumps(vocabulary))
+    rewrite_manifest(artifacts_copy, lambda m: m["files"].pop("items.json"))
+    with pytest.raises(ArtifactError, match="items.json' is not listed"):
+        Scorer(artifacts_copy, backend="cpu")
+
+
 def test_corrupted_file_is_named(artifacts_copy):
     with open(artifacts_copy / "scorer.onnx", "r+b") as f:
         f.seek(100)
@@ -184,7 +267,7 @@ def test_integer_ids_match_numeric_item_ids(artifacts_copy):
     vocabulary = json.loads((artifacts_copy / "items.json").read_text())
     vocabulary["items"] = [str(100 + i) for i in range(len(vocabulary["items"]))]
     (artifacts_copy / "items.json").write_text(json.dumps(vocabulary))
-    rewrite_manifest(artifacts_copy, lambda m: m.update(files=hash_files(artifacts_copy)))
+    rehash(artifacts_copy)
     runtime = Scorer(artifacts_copy, backend="cpu")
     as_ints, as_strings = runtime.score([[101, 105, 130], ["101", "105", "130"]])
     assert as_ints == as_strings and as_ints.unknown_items == [] and as_ints.fallback is None
@@ -354,7 +437,7 @@ def load_features(ckpt, indices: list[int]) -> dict[str, np.ndarray]:
     (["x"], {"text_feats": (1, 3), "text_mask": (1, 2)}, "text_mask must be bool of shape"),
     (["x"], {"text_feats": (1, 3), "image_mask": (1, 2)}, "image_mask given without image_feats"),
     (["x"], {"colour": (1,)}, "unknown feature 'colour'"),
-    (["x"], {}, "give texts and/or images"),
+    (["x"], {}, "give features of the model's modalities"),
     (["x"], {"texts": [["a red tent"]]}, "carries no text_encoder"),
 ])
 def test_add_items_rejects_bad_input(scorer, ids, features, message):

@@ -273,6 +273,8 @@ def run_one(
     run was found)."""
     directory = options.out / setting / spec.name / f"seed-{seed}"
     cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
+    if spec.kind == "mp4sr":  # the baselines pool every modality's features whatever the config says
+        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
     fingerprint = {
         **run_fingerprint(cfg, inputs.data_key, inputs.features_sha),
         "stage": "all" if spec.pretrain else "finetune", "model": spec.name, "setting": setting,

@@ -108,8 +108,9 @@ class TrainConfig:
     mixup_max: float = 0.5  # sequence mixup probability p ~ U(0, mixup_max)
     use_mixup: bool = True
     use_nip: bool = True
-    # Pre-train only on the modalities some item has: in a text-only catalogue every image vector
-    # is the one learned missing vector, so image NIP, mixup and CMCL carry nothing (train.tasks).
+    # Leave out of the model a modality no item has (`present_modalities`): in a text-only
+    # catalogue every image vector would be the one learned missing vector, so an image tower,
+    # image NIP, mixup and CMCL would carry nothing. False: the model keeps model.modalities.
     skip_absent_modalities: bool = True
     # Reproduce the reference code instead of the paper's intent: same-target logits set to 0
     # (still counted in the softmax) and attention pooling that never receives gradients.
@@ -222,6 +223,17 @@ def pretrain_view(cfg: Config) -> dict[str, Any]:
             node = node[key]
         node.pop(leaf)
     return values
+
+
+def present_modalities(cfg: Config, present: tuple[str, ...]) -> tuple[Config, tuple[str, ...]]:
+    """With `train.skip_absent_modalities`, the config without the model modalities that no item
+    of the data has (`present`: ItemFeatures.present()); returns it and the modalities left out.
+    A catalogue with none of the model's modalities keeps them all."""
+    kept = tuple(m for m in cfg.model.modalities if m in present)
+    if not cfg.train.skip_absent_modalities or not kept or kept == cfg.model.modalities:
+        return cfg, ()
+    dropped = tuple(m for m in cfg.model.modalities if m not in kept)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, modalities=kept)), dropped
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -116,7 +116,6 @@ class StageRunner:
             self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
         )
         self.generator = torch.Generator(device=feats.text.device).manual_seed(cfg.train.seed)
-        self.present = feats.present()  # once: the catalogue does not change during a stage
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best": -1.0, "history": [], "done": False}
 
     # -- persistence -------------------------------------------------------------------------
@@ -153,8 +152,7 @@ class StageRunner:
     # -- training ----------------------------------------------------------------------------
     def _loss(self, ids: torch.Tensor, targets: torch.Tensor):
         if self.name == "pretrain":
-            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator,
-                                 self.present)
+            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator)
         return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train, self.generator)
 
     def _epoch(self, epoch: int) -> tuple[float, float]:

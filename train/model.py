@@ -155,7 +155,10 @@ class M2SE(nn.Module):
     def pool_items(self, feats: ItemFeatures, m: int) -> Tensor:
         """Attention-pool the slots of the model's m-th modality: (N + 1, F); items without any
         slot get `missing`."""
-        x, mask = feats.modality(MODALITIES.index(self.cfg.modalities[m]))
+        return self.pool_slots(m, *feats.modality(MODALITIES.index(self.cfg.modalities[m])))
+
+    def pool_slots(self, m: int, x: Tensor, mask: Tensor) -> Tensor:
+        """pool_items on the m-th modality's slots x (n, S, F) and mask (n, S)."""
         pooled = self.pool[m](x, mask)
         return torch.where(mask.any(-1, keepdim=True), pooled, self.missing[m])
 
@@ -271,11 +274,17 @@ def score(h: Tensor, cands: Tensor) -> Tensor:
     return s
 
 
+def concat_modalities(x: Tensor) -> Tensor:
+    """(M, n, d) -> (n, M * d): the modalities side by side, text first. A concatenation rather
+    than a Flatten, so that an exported graph keeps the width M * d static."""
+    return torch.cat(x.unbind(0), dim=-1)
+
+
 def serving_table(inputs: Tensor) -> Tensor:
-    """t_j = [c_text[j], c_image[j]]: (N + 1, 2d), so that score = u . t_j (SPEC section 4)."""
-    return candidates(inputs).permute(1, 0, 2).flatten(1)
+    """t_j = [c_text[j], c_image[j]]: (N + 1, M * d), so that score = u . t_j (SPEC section 4)."""
+    return concat_modalities(candidates(inputs))
 
 
 def user_vector(h: Tensor) -> Tensor:
-    """u = [h_text / |h_text|, h_image / |h_image|]: (B, 2d)."""
-    return F.normalize(h, dim=-1).permute(1, 0, 2).flatten(1)
+    """u = [h_text / |h_text|, h_image / |h_image|]: (B, M * d)."""
+    return concat_modalities(F.normalize(h, dim=-1))

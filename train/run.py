@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mp4sr_train import config as config_lib
 from mp4sr_train.checkpoint import Checkpoint, load_state, save_checkpoint
 from mp4sr_train.config import Config
 from mp4sr_train.data import default_demo_dir, generate_demo, load_or_preprocess
@@ -103,16 +104,16 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     feats, feat_meta = load_item_features(features_path, split, dev)
     features_sha = features_digest(feats)
+    cfg, absent = config_lib.present_modalities(cfg, feats.present())
     check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
     log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
     if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("clip_model", "none") != "none":
         log("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
-    absent = [name for name in cfg.model.modalities if name not in feats.present()]
-    if absent and cfg.train.skip_absent_modalities:
-        log(f"note: no item has {' or '.join(absent)} features; pre-training uses "
-            f"{', '.join(n for n in cfg.model.modalities if n not in absent) or 'nothing'} only")
+    if absent:
+        log(f"note: no item has {' or '.join(absent)} features; the model uses "
+            f"{', '.join(cfg.model.modalities)} only (train.skip_absent_modalities)")
 
     t0 = time.perf_counter()
     popularity = {"valid": evaluate_popularity(split, split.valid), "test": evaluate_popularity(split, split.test)}

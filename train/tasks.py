@@ -52,28 +52,20 @@ def cmcl_loss(h_text: Tensor, h_image: Tensor, targets: Tensor, tau: float, quir
 
 def pretrain_loss(
     model: M2SE, feats: ItemFeatures, ids: Tensor, targets: Tensor, cfg: TrainConfig,
-    generator: torch.Generator | None = None, present: tuple[str, ...] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Item drop, complementary sequence mixup, NIP per modality and CMCL (SPEC section 3).
 
-    A single-modality model (an ablation) has no other modality to mix in or contrast with: NIP only.
-    So too, with `cfg.skip_absent_modalities`, a model over a catalogue where no item has one of its
-    modalities (`present`: the modalities some item has, `feats.present()` by default): every item's
-    vector for the absent one is the same learned missing vector, a sequence of them says nothing,
-    and its NIP, mixup and CMCL would only train the encoder on noise."""
+    A single-modality model (an ablation, or a catalogue with one modality: config's
+    `present_modalities`) has no other modality to mix in or contrast with: NIP only."""
     dev = ids.device
     draw = lambda: float(torch.rand((), device=dev, generator=generator))  # noqa: E731
     if cfg.drop_max > 0:
         ids = random_drop(ids, draw() * cfg.drop_max, generator)
     names = model.cfg.modalities
-    if cfg.skip_absent_modalities:
-        present = feats.present() if present is None else present
-        used = [m for m, name in enumerate(names) if name in present] or list(range(len(names)))
-    else:
-        used = list(range(len(names)))
-    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)[used]  # (M', N + 1, d)
+    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (M, N + 1, d)
     both = len(z) == 2
-    seq = z[:, ids]  # (M', B, L, d)
+    seq = z[:, ids]  # (M, B, L, d)
     if cfg.use_mixup and both:
         p = draw() * cfg.mixup_max
         m = (torch.rand(ids.shape, device=dev, generator=generator) < p) & (ids != 0)
@@ -82,12 +74,12 @@ def pretrain_loss(
     lengths = (ids != 0).sum(-1)
     h = model.encode_sequence(seq.flatten(0, 1), lengths.repeat(len(z))).view(len(z), len(ids), -1)
     h = F.normalize(h, dim=-1)
-    e = F.normalize(z[:, targets], dim=-1)  # (M', B, d)
+    e = F.normalize(z[:, targets], dim=-1)  # (M, B, d)
     q = cfg.reference_quirks
     parts = {}
     loss = torch.zeros((), device=dev)
     if cfg.use_nip:
-        for m_idx, name in enumerate(names[m] for m in used):
+        for m_idx, name in enumerate(names):
             parts[f"nip_{name}"] = nip_loss(h[m_idx], e[m_idx], targets, cfg.tau, q)
             loss = loss + parts[f"nip_{name}"]
     if cfg.cmcl_weight > 0 and both:

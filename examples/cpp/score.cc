@@ -173,7 +173,7 @@ int main(int argc, char** argv) try {
   }
   const std::string dir = argv[1];
   const Json manifest = ReadJson(dir + "/manifest.json");
-  if (manifest["schema"].string != "mp4sr-artifacts/1" || manifest["padding"].string != "right") {
+  if (manifest["schema"].string != "mp4sr-artifacts/2" || manifest["padding"].string != "right") {
     throw std::runtime_error("unsupported manifest schema or padding: " + manifest["schema"].string);
   }
   const Json& scorer = manifest["models"]["scorer"];

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from mp4sr_rt.errors import UserError
+from mp4sr_rt.manifest import Manifest
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 FASTEST_FIRST = ("tensorrt", "cuda", "cpu")
@@ -37,20 +38,20 @@ class Backend(Protocol):
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """scorer.onnx: ids int64 (B, L) -> scores float32 (B, K), items int64 (B, K),
-        user float32 (B, 2d), and with an int8 scan (export --int8-scan) bound float32 (B, 1):
+        user float32 (B, dim), and with an int8 scan (export --int8-scan) bound float32 (B, 1):
         no item outside a row's top K scores above it (None without)."""
 
     def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """history_encoder.onnx: inputs float32 (B, L, 2d), lengths int64 (B,) -> user (B, 2d)."""
+        """history_encoder.onnx: inputs float32 (B, L, dim), lengths int64 (B,) -> user (B, dim)."""
 
     def encode_items(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """item_tower.onnx: feature slots -> table float32 (n, 2d), inputs float32 (n, 2d)."""
+        """item_tower.onnx: feature slots -> table float32 (n, dim), inputs float32 (n, dim)."""
 
     def embed(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """text_encoder.onnx or image_encoder.onnx: its inputs -> vectors float32 (B, F)."""
 
 
-def open_backend(name: str, directory: Path, manifest: dict, threads: int = 0) -> Backend:
+def open_backend(name: str, directory: Path, manifest: Manifest, threads: int = 0) -> Backend:
     """The backend called `name` over the artifacts in `directory`; BackendUnavailable if it
     cannot run here. `threads`: the CPU backend's intra-op threads (0: one per core)."""
     if name not in BACKENDS:
@@ -70,7 +71,7 @@ def open_backend(name: str, directory: Path, manifest: dict, threads: int = 0) -
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
 
 
-def _open(name: str, directory: Path, manifest: dict, threads: int) -> Backend:
+def _open(name: str, directory: Path, manifest: Manifest, threads: int) -> Backend:
     # Imported here: the TensorRT module probes native libraries, which only its users pay for.
     if name == "cpu":
         from mp4sr_rt.backends.onnxruntime import CpuBackend

@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from mp4sr_rt.backends import MAX_BATCH, BackendUnavailable
 from mp4sr_rt.errors import ArtifactError
+from mp4sr_rt.manifest import Manifest
 
 SCORER_OUTPUTS = ("scores", "items", "user")
 BOUND = "bound"  # the scorer's fourth output with an int8 catalogue scan (export/int8_scan.py)
@@ -37,17 +38,17 @@ class OrtBackend:
     name = "onnxruntime"
     disabled_optimizers: tuple[str, ...] = ()  # onnxruntime graph rewrites this backend skips
 
-    def __init__(self, directory: Path, manifest: dict, providers: list[Any], threads: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, providers: list[Any], threads: int = 0):
         self.directory = Path(directory)
         self.manifest = manifest
         self.providers = providers
         self.threads = threads
         # Rows per call: the scorer splits larger batches (TensorRT's profile ends there too).
-        self.max_batch = min(MAX_BATCH, manifest.get("max_batch", MAX_BATCH))
+        self.max_batch = min(MAX_BATCH, manifest.max_batch)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
         # The scorer's outputs: SCORER_OUTPUTS, then BOUND where the graph has it (int8 scan).
-        names = {o["name"] for o in manifest["models"]["scorer"]["outputs"]}
+        names = manifest.models["scorer"].output_names()
         self.scorer_outputs = [*SCORER_OUTPUTS, *([BOUND] if BOUND in names else [])]
 
     @property
@@ -61,13 +62,13 @@ class OrtBackend:
             return self._sessions[role]
 
     def _open_session(self, role: str, providers: list[Any]) -> ort.InferenceSession:
-        model = self.manifest["models"].get(role)
+        model = self.manifest.models.get(role)
         if model is None:
             raise ArtifactError(f"{self.directory / 'manifest.json'}: no {role!r} model")
         options = ort.SessionOptions()
         options.log_severity_level = ERRORS_ONLY
         options.intra_op_num_threads = self.threads
-        path = self.directory / model["file"]
+        path = self.directory / model.file
         try:
             return ort.InferenceSession(str(path), options, providers=providers,
                                         disabled_optimizers=list(self.disabled_optimizers))
@@ -97,7 +98,7 @@ class CpuBackend(OrtBackend):
     # batch 1 and 48 positions took 0.196 ms with it, 0.157 ms without (onnxruntime 1.32, 1 thread).
     disabled_optimizers = ("SkipLayerNormFusion",)
 
-    def __init__(self, directory: Path, manifest: dict, threads: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, threads: int = 0):
         # One thread per request stream can beat a pool on a shared machine: a pool's barrier
         # stalls whenever another process holds one of its cores.
         super().__init__(directory, manifest, ["CPUExecutionProvider"], threads)
@@ -122,7 +123,7 @@ class CudaBackend(OrtBackend):
     exact_rows = False
     provider = "CUDAExecutionProvider"
 
-    def __init__(self, directory: Path, manifest: dict, device_id: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, device_id: int = 0):
         if self.provider not in ort.get_available_providers():
             raise BackendUnavailable(
                 f"onnxruntime {ort.__version__} has no {self.provider} (install mp4sr-rt[gpu])"
@@ -132,7 +133,7 @@ class CudaBackend(OrtBackend):
         cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
         super().__init__(directory, manifest, [cuda, "CPUExecutionProvider"])
         self.cuda_graph = False
-        if manifest.get("int8_scan"):
+        if manifest.int8_scan:
             print(f"{self.name}: this scorer scans the catalogue in int8 (export --int8-scan), a CPU "
                   "option whose GPU speed is not measured; export without it for a GPU", file=sys.stderr)
         self._scorer = self._open_scorer()
@@ -198,7 +199,7 @@ class CudaBackend(OrtBackend):
         return self._buckets[key]
 
     def _new_bucket(self, rows: int, length: int, graph_id: int) -> _Bucket:
-        k, dim = self.manifest["top_k"], self.manifest["dim"]
+        k, dim = self.manifest.top_k, self.manifest.dim
 
         def device(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from mp4sr_rt.backends import BackendUnavailable
 from mp4sr_rt.backends.onnxruntime import CudaBackend
+from mp4sr_rt.manifest import Manifest
 
 NVINFER = "libnvinfer.so.10"  # TensorRT 10, the major version current onnxruntime-gpu builds link
 
@@ -30,7 +31,7 @@ class TensorRTBackend(CudaBackend):
     name = "tensorrt"
     provider = "TensorrtExecutionProvider"
 
-    def __init__(self, directory: Path, manifest: dict, device_id: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, device_id: int = 0):
         if self.provider not in ort.get_available_providers():
             raise BackendUnavailable(
                 f"onnxruntime {ort.__version__} has no {self.provider} (needs onnxruntime-gpu)")
@@ -38,7 +39,7 @@ class TensorRTBackend(CudaBackend):
         super().__init__(directory, manifest, device_id)
 
     def _open_scorer(self) -> ort.InferenceSession:
-        length = self.manifest["max_len"]
+        length = self.manifest.max_len
         options = {
             "device_id": str(self.device_id),
             "trt_engine_cache_enable": "True",

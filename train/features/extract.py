@@ -15,10 +15,11 @@ The cache holds every sentence, image and word vector by content hash, so a reru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from mp4sr_train.features.text import TextEncoder
 from tqdm import tqdm
 
 from mp4sr_rt.errors import UserError
-from mp4sr_rt.raw import MAX_SENTENCES, decode_image, split_sentences, top_words
+from mp4sr_rt.raw import MAX_SENTENCES, decode_image, pack_slots, split_sentences, top_words
 
 MAX_IMAGES = 10  # the first 10 listed images of an item are used
 
@@ -38,6 +39,7 @@ MAX_IMAGES = 10  # the first 10 listed images of an item are used
 @dataclass
 class ImageStats:
     vocabulary: int = 0
+    words: list[str] = field(default_factory=list, repr=False)  # the vocabulary itself
     words_computed: int = 0
     vocabulary_seconds: float = 0.0
     used: int = 0
@@ -142,8 +144,8 @@ def extract(
     image_vecs, image_new = _embed(text, described, cache, batch_size, progress, "image words")
     image_seconds = time.perf_counter() - start - stats.vocabulary_seconds
 
-    text_feats, text_mask = _pack(sentences, text_vecs, text.dim)
-    image_feats, image_mask = _pack(described, image_vecs, text.dim)
+    text_feats, text_mask = pack_slots(sentences, text_vecs, text.dim)
+    image_feats, image_mask = pack_slots(described, image_vecs, text.dim)
     meta = {
         "encoder": text.name,
         "encoder_sha256": text.identity,
@@ -155,7 +157,10 @@ def extract(
         "clip_prompt": PROMPT,
         "image_tokens": str(image_tokens),
         "vocabulary_size": str(stats.vocabulary),
+        # What export needs to describe new items' images as these were: the CLIP word list.
+        "clip_vocabulary": json.dumps(stats.words if clip else []),
     }
+    meta["clip_vocabulary_sha256"] = hashlib.sha256(meta["clip_vocabulary"].encode()).hexdigest()
     save_features(out_file, FeatureArrays(
         tuple(item_ids), text_feats, text_mask, image_feats, image_mask, meta
     ))
@@ -211,7 +216,7 @@ def _describe_images(infos: list[ItemInfo], clip: Clip | None, cache: FeatureCac
     """Per item, one pseudo-sentence of top-``n`` words per usable image."""
     described: list[list[str]] = [[] for _ in infos]
     vocabulary = build_vocabulary(s for info in infos for s in info.sentences)
-    stats = ImageStats(vocabulary=len(vocabulary))
+    stats = ImageStats(vocabulary=len(vocabulary), words=vocabulary)
     pairs = [(row, path) for row, info in enumerate(infos) for path in info.images[:MAX_IMAGES]]
     if clip is None or not pairs:
         return described, stats
@@ -285,19 +290,6 @@ def _read_bytes(path: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError:
         return None
-
-
-def _pack(rows: list[list[str]], vectors: dict[str, np.ndarray],
-          dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features float32 [N, S, dim] and mask uint8 [N, S], S the longest row (at least 1)."""
-    slots = max([len(row) for row in rows] + [1])
-    feats = np.zeros((len(rows), slots, dim), dtype=np.float32)
-    mask = np.zeros((len(rows), slots), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, sentence in enumerate(row):
-            feats[i, j] = vectors[sentence]
-            mask[i, j] = 1
-    return feats, mask
 
 
 def _rate(items: int, seconds: float) -> str:

@@ -139,14 +139,18 @@ class TextEncoder:
     def _embed(self, batch) -> np.ndarray:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         hidden = self.model(**batch).last_hidden_state  # (B, T, F)
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.float().cpu().numpy()
+        return pool_tokens(hidden, batch["attention_mask"], self.pooling, self.normalize).float().cpu().numpy()
+
+
+def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """Token states (B, T, F) -> one vector per sentence (B, F): the [CLS] state, or the mean over
+    real tokens; unit length if the checkpoint says so. The exported text encoder runs this too."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
 
 def checkpoint_pooling(path: Path) -> tuple[str, bool]:

@@ -1,0 +1,40 @@
+"""What `mp4sr-rt export` is asked to build, checked once (export/run.py reads it, nothing else).
+
+    config = ExportConfig(fp16=True, top_k=50)       # UserError naming the option if out of range
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mp4sr_rt.errors import UserError
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    fp16: bool = False  # fp16 weights and compute inside the recommender models, fp32 inputs and outputs
+    top_k: int = 100  # the largest k the scorer returns (at most the catalogue: clamped with a note)
+    max_batch: int = 4096  # largest batch of the TensorRT profile and of Triton
+    trt: bool = False  # also build TensorRT engines
+    topk_block: int = 0  # > 0: the scorer's top k in two stages over blocks of this many items
+    int8_scan: int = 0  # > 0: scan the catalogue in int8 and rescore this many candidates
+    encoders: bool = True  # also export the text / image encoders the run's features came from
+    triton_dir: Path | None = None  # also write a Triton model repository there
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_batch", "topk_block", "int8_scan"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
+        for name, low in (("top_k", 1), ("max_batch", 1), ("topk_block", 0), ("int8_scan", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.topk_block and self.int8_scan:
+            raise UserError("--topk-block and --int8-scan are two ways to scan the catalogue: choose one")
+        if self.triton_dir is not None:
+            object.__setattr__(self, "triton_dir", Path(self.triton_dir))
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
