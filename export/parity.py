@@ -1,7 +1,9 @@
 """The parity gate: every exported model against the PyTorch model, on other shapes than traced.
 
 The reference is train.model's own serving path (encode_history, score, serving_table,
-user_vector, encode_items), not the export wrappers, so the gate also checks the wrappers.
+user_vector, encode_items), not the export wrappers, so the gate also checks the wrappers; and
+once the artifact directory is written, the runtime itself is checked against it too
+(`check_runtime`: mp4sr_rt.Scorer, with its own padding, exclusions and rescans).
 Histories are right-padded random item ids with random lengths (padding in most rows).
 
     figures = check_all(ckpt, runners, k)          # {role: {backend: {figure: value}}}
@@ -181,6 +183,35 @@ def check_image_encoder(clip, run: Runner, rng: np.random.Generator) -> dict:
     pixels = np.stack([clip.preprocess(image).numpy() for image in images])
     out = run({"pixels": pixels})
     return {"rows": len(images), "max_abs_diff": float(np.abs(out["vectors"] - clip.encode_images(images)).max())}
+
+
+def check_runtime(ckpt: Checkpoint, artifacts: Path, k: int) -> dict:
+    """The runtime itself (mp4sr_rt.Scorer on the CPU backend: its per-width padding, its
+    exclusion of seen items, its rescans when those exhaust the scorer's top K or the int8 bound
+    cannot certify a top k) on the parity histories, against PyTorch's full ranking without the
+    history's own items. Adds `top10_ordered`: the share of rows whose top 10 is the same in the
+    same order."""
+    from mp4sr_rt.scorer import Scorer
+
+    scorer = Scorer(artifacts, backend="cpu")
+    inputs = serving_inputs(ckpt)
+    cands = candidates(inputs)
+    top = min(TOP, k)
+    ref_items, got_items, max_abs, ordered = [], [], 0.0, 0
+    for ids in batches(np.random.default_rng(1), ckpt):
+        with torch.no_grad():
+            s = score(ckpt.model.encode_history(torch.as_tensor(ids), inputs), cands)
+            s.scatter_(1, torch.as_tensor(ids), float("-inf"))  # seen items (and column 0, padding)
+            ref_scores, ref_top = (t.numpy() for t in torch.topk(s, top))
+        recs = scorer.score([[ckpt.item_ids[i - 1] for i in row if i] for row in ids], k=top)
+        got = np.array([[scorer._index[str(item)] for item in rec.items] for rec in recs])
+        max_abs = max(max_abs, float(np.abs(np.array([rec.scores for rec in recs]) - ref_scores).max()))
+        ordered += int((got == ref_top).all(axis=1).sum())
+        ref_items.append(ref_top)
+        got_items.append(got)
+    ref, got = np.concatenate(ref_items), np.concatenate(got_items)
+    return {"rows": len(ref), "max_abs_diff": max_abs, **agreement(ref, got, top),
+            "top10_ordered": ordered / len(ref), "rescans": scorer.rescans}
 
 
 def check_all(ckpt: Checkpoint, runners: dict[tuple[str, str], Runner], k: int, text=None, clip=None) -> dict:

@@ -171,11 +171,22 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, config: Expo
         log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
             "runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
-    manifest = build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, hash_files(staging))
-    tmp = staging / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.rename(staging / MANIFEST)
+    files = hash_files(staging)
+    write_manifest(build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files), staging)
+    log("parity: the runtime (mp4sr_rt, CPU) on the artifact directory against PyTorch")
+    figures["scorer"]["runtime"] = parity.check_runtime(ckpt, staging, k)
+    failures = parity.gate({"scorer": figures["scorer"]}, {"scorer": config.precision})
+    if failures:
+        raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
+    manifest = build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files)
+    write_manifest(manifest, staging)
     return manifest
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> None:
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.rename(directory / MANIFEST)
 
 
 def add_int8_scan(path: Path, ckpt: Checkpoint, k: int, candidates: int, fp16: bool) -> None:

@@ -176,6 +176,15 @@ class Manifest:
         _check(self.dim % len(m) == 0, f"{where} dim", f"{self.dim} is not a multiple of {len(m)} modalities")
         for role in REQUIRED_MODELS:
             _check(role in self.models, f"{where} models", f"no {role!r} model")
+        for role, (inputs, outputs) in self.expected_io().items():
+            model = self.models[role]
+            for kind, got, want in (("inputs", model.inputs, inputs), ("outputs", model.outputs, outputs)):
+                _check(got == want, f"{where} models.{role}.{kind}",
+                       f"{_describe(got)} is not what this manifest's model takes or gives: {_describe(want)}")
+        for role, part in (("text_encoder", "text"), ("image_encoder", "image")):
+            has = self.preprocessing is not None and getattr(self.preprocessing, part) is not None
+            _check((role in self.models) == has, f"{where} preprocessing",
+                   f"a {role} model and preprocessing.{part} go together")
         for name, entry in self.files.items():
             _relative(name, f"{where} files")
             _check(bool(_SHA256.fullmatch(entry.sha256)), f"{where} files.{name}.sha256", "not a sha256 hex digest")
@@ -188,6 +197,26 @@ class Manifest:
             for name in TOKENIZER_FILES:
                 _check(f"{folder}/{name}" in self.files, f"{where} preprocessing.text.tokenizer",
                        f"{folder}/{name} is not listed in files")
+
+    def expected_io(self) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+        """(inputs, outputs) each recommender model must declare, in graph order (docs/artifacts.md)."""
+        k, dim, feat = self.top_k, self.dim, self.features.dim
+        scorer_out = [TensorSpec("scores", "float32", ("batch", k)), TensorSpec("items", "int64", ("batch", k)),
+                      TensorSpec("user", "float32", ("batch", dim))]
+        if self.int8_scan:
+            scorer_out.append(TensorSpec("bound", "float32", ("batch", 1)))
+        tower_in = []
+        for name in self.modalities:
+            tower_in += [TensorSpec(f"{name}_feats", "float32", ("n", f"{name}_slots", feat)),
+                         TensorSpec(f"{name}_mask", "bool", ("n", f"{name}_slots"))]
+        return {
+            "scorer": ((TensorSpec("ids", "int64", ("batch", "history")),), tuple(scorer_out)),
+            "item_tower": (tuple(tower_in), (TensorSpec("table", "float32", ("n", dim)),
+                                             TensorSpec("inputs", "float32", ("n", dim)))),
+            "history_encoder": ((TensorSpec("inputs", "float32", ("batch", "history", dim)),
+                                 TensorSpec("lengths", "int64", ("batch",))),
+                                (TensorSpec("user", "float32", ("batch", dim)),)),
+        }
 
     @property
     def item_dim(self) -> int:
@@ -214,6 +243,10 @@ class Manifest:
     def from_dict(cls, values: Any) -> Manifest:
         """Strict: unknown or missing keys and wrong types are ManifestErrors naming the key."""
         return _build(cls, values, MANIFEST)
+
+
+def _describe(tensors: tuple[TensorSpec, ...]) -> str:
+    return "[" + ", ".join(f"{t.name} {t.dtype} [{', '.join(map(str, t.shape))}]" for t in tensors) + "]"
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:

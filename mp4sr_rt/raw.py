@@ -58,17 +58,30 @@ def top_words(image_vecs: np.ndarray, word_vecs: np.ndarray, vocabulary: list[st
     return [" ".join(vocabulary[j] for j in row) for row in best]
 
 
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 9459 x 9459)
+
+
 def decode_image(data: bytes):
-    """The RGB Pillow image in ``data`` (PNG, JPEG, WebP...), or None if it is truncated or
-    undecodable."""
+    """The RGB Pillow image in ``data`` (PNG, JPEG, WebP...), or None if it cannot be used
+    (`read_image` says why)."""
+    return read_image(data)[0]
+
+
+def read_image(data: bytes):
+    """(RGB Pillow image, None), or (None, why it is not usable: too large, truncated, unknown format)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header, before any pixel is decoded
+            if width * height > MAX_IMAGE_PIXELS:
+                return None, f"too large ({width} x {height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels)"
             image.load()  # decode now: a truncated file fails here, not inside a batch
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+            return image.convert("RGB"), None
+    except Image.DecompressionBombError:
+        return None, f"too large (more than {2 * MAX_IMAGE_PIXELS:,} pixels; the limit is {MAX_IMAGE_PIXELS:,})"
+    except (OSError, ValueError, SyntaxError):
+        return None, "truncated or of an unknown format"
 
 
 def clip_pixels(image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -206,9 +219,9 @@ class RawEncoders:
                 data = Path(source).read_bytes()
             except OSError as e:
                 raise UserError(f"add_items: image {name} cannot be read ({e.strerror})") from None
-        image = decode_image(data)
-        if image is None:
-            raise UserError(f"add_items: image {name} is not a readable image (truncated or unknown format)")
+        image, problem = read_image(data)
+        if problem:
+            raise UserError(f"add_items: image {name} is not usable: {problem}")
         return clip_pixels(image, spec.image_size, spec.mean, spec.std)
 
     def _word_vectors(self) -> tuple[list[str], np.ndarray]:

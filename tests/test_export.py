@@ -216,6 +216,24 @@ def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, 
         assert {e["dtype"] for e in model["inputs"] + model["outputs"]} <= {"float32", "int64", "bool"}
         f = manifest["parity"][role]["onnxruntime"]
         assert f["top10_agreement"] >= 0.99 and f["top1_agreement"] >= 0.98, (role, f)
+    # Recomputed here rather than read back from the manifest: the fp16 scorer's top 10 against
+    # PyTorch's full ranking on fresh histories.
+    import onnxruntime as ort
+    import torch
+    from mp4sr_export.onnx import serving_inputs
+    from mp4sr_train.checkpoint import load_checkpoint
+    from mp4sr_train.model import candidates, score
+
+    ckpt = load_checkpoint(tiny_run / "checkpoint")
+    ids = np.random.default_rng(5).integers(1, 61, size=(400, 8))
+    ids[np.arange(8)[None, :] >= np.random.default_rng(6).integers(1, 9, size=400)[:, None]] = 0
+    with torch.no_grad():
+        inputs = serving_inputs(ckpt)
+        ref = torch.topk(score(ckpt.model.encode_history(torch.as_tensor(ids), inputs), candidates(inputs)), 10)
+    _, got, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
+    overlap = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(ref.indices.numpy(), got, strict=True)])
+    top1 = np.mean(ref.indices.numpy()[:, 0] == got[:, 0])
+    assert overlap >= 0.99 and top1 >= 0.98, (overlap, top1)
     graph = onnx.load(str(out / "scorer.onnx")).graph
     dtypes = {init.name: init.data_type for init in graph.initializer}
     assert onnx.TensorProto.FLOAT16 in dtypes.values()  # weights and the item table in fp16

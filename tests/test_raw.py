@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,36 +83,72 @@ def test_raw_items_get_the_features_training_extracted(scorer, extractor_run, ti
         np.testing.assert_allclose(feats, want[:, :slots] * mask[..., None], atol=1e-5)
 
 
-def test_add_items_from_raw_data(extractor_artifacts, tiny_data_dir):
+def torch_rows(ckpt, arrays, rows: list[int], drop: str | None = None) -> np.ndarray:
+    """Serving rows of catalogue items as new items, computed by the PyTorch model from the
+    features training extracted (features.safetensors), with modality `drop` left out."""
+    import torch
+    from mp4sr_train.model import serving_table, untrained_inputs
+
+    z = []
+    for m, name in enumerate(ckpt.cfg.model.modalities):
+        x = torch.as_tensor(np.asarray(getattr(arrays, f"{name}_feats"))[rows])
+        mask = torch.as_tensor(np.asarray(getattr(arrays, f"{name}_mask"))[rows].astype(bool))
+        if name == drop:
+            mask = torch.zeros_like(mask)
+        z.append(ckpt.model.adaptor[m](ckpt.model.pool_slots(m, x, mask)))
+    with torch.no_grad():
+        return serving_table(untrained_inputs(torch.stack(z).detach(), ckpt.id_emb)).numpy()
+
+
+def test_add_items_from_raw_data(extractor_artifacts, extractor_run, tiny_data_dir):
+    """New items from raw text and images score as the PyTorch model scores the same items from
+    the features `mp4sr-rt features` extracted: not the runtime checked against itself."""
+    import torch
+    from mp4sr_export.onnx import serving_inputs
+    from mp4sr_train.checkpoint import load_checkpoint
+    from mp4sr_train.features.store import read_features
+    from mp4sr_train.model import user_vector
+
+    ckpt = load_checkpoint(extractor_run / "checkpoint")
+    arrays = read_features(extractor_run.parent / "features.safetensors")
     runtime = Scorer(extractor_artifacts, backend="cpu")
     items, texts, images = readable_items(tiny_data_dir)
-    new = [f"new-{item}" for item in items[:3]]
-    runtime.add_items(new, texts=texts[:3], images=images[:3])
-    feeds = runtime._raw.features(3, runtime._feature_dim(), texts[:3], images[:3])
-    table, _ = runtime.backend.encode_items(feeds)
-    np.testing.assert_allclose(runtime._added.table, table, atol=1e-6)
+    rows = [arrays.item_ids.index(item) for item in items]
+    with_image = next(j for j in range(len(items)) if images[j])
+    runtime.add_items([f"new-{item}" for item in items[:3]], texts=texts[:3], images=images[:3])
+    runtime.add_items(["text-only"], texts=[texts[3]])  # the other modality counts as missing
+    runtime.add_items(["image-only"], images=[[Path(path).read_bytes() for path in images[with_image]]])  # bytes
+    assert runtime.num_items == len(runtime._item_ids) + 5
+    reference = np.concatenate([torch_rows(ckpt, arrays, rows[:3]), torch_rows(ckpt, arrays, rows[3:4], "image"),
+                                torch_rows(ckpt, arrays, [rows[with_image]], "text")])
+    np.testing.assert_allclose(runtime._added.table[:len(reference)], reference, atol=1e-5)
 
-    # Scorable at once, with user . row as the score, and usable in a history.
+    # Scorable at once, each at the score PyTorch gives it, and usable in a history.
     history = [items[4], items[3]]
     everything = runtime.score([history], k=runtime.num_items, exclude_seen=False)[0]
-    user = runtime.backend.run(np.array([[runtime._index[i] for i in history]]))[2][0]
-    for j, item in enumerate(new):
-        assert everything.scores[everything.items.index(item)] == pytest.approx(float(user @ table[j]), abs=1e-5)
-    rec = runtime.score([[new[0], items[4]]], k=5)[0]
-    assert rec.fallback is None and rec.unknown_items == [] and new[0] not in rec.items
+    with torch.no_grad():
+        ids = torch.tensor([[runtime._index[i] for i in history]])
+        user = user_vector(ckpt.model.encode_history(ids, serving_inputs(ckpt)))[0].numpy()
+    for j, item in enumerate(runtime._added.ids[:len(reference)]):
+        assert everything.scores[everything.items.index(item)] == pytest.approx(float(user @ reference[j]), abs=1e-5)
+    rec = runtime.score([["new-" + items[0], items[4]]], k=5)[0]
+    assert rec.fallback is None and rec.unknown_items == [] and "new-" + items[0] not in rec.items
 
-    # Text only, and one image given as bytes: the other modality counts as missing.
-    runtime.add_items(["text-only"], texts=["A red tent. It sleeps four."])
-    runtime.add_items(["image-only"], images=[[Path(images[0][0]).read_bytes()]])
-    assert runtime.num_items == len(runtime._item_ids) + 5
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def test_add_items_refuses_bad_raw_input_and_adds_nothing(scorer, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    huge = tmp_path / "huge.png"  # a 30000 x 30000 header, no pixels: refused before decoding
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
     before = scorer.num_items
     cases = [
-        ({"texts": ["a"], "images": [[str(broken)]]}, f"image {broken} is not a readable image"),
+        ({"texts": ["a"], "images": [[str(broken)]]}, f"image {broken} is not usable: truncated"),
+        ({"texts": ["a"], "images": [[str(huge)]]}, "is not usable: too large"),
         ({"images": [[str(tmp_path / "missing.png")]]}, "missing.png cannot be read"),
         ({"texts": ["a", "b"]}, "one entry per item id"),
         ({"texts": [[1, 2]]}, r"texts\[0\] must be a string or a list of strings"),

@@ -295,3 +295,15 @@ def test_runtime_installs_alone_and_scores_without_torch(tiny_artifacts, extract
     [result] = json.loads(done.stdout)
     assert result["unknown_items"] == [] and result["fallback"] is None and "fresh" not in result["items"]
     assert "added 1 new items" in done.stderr
+
+
+def test_fuzz_sample_gives_results_or_one_clear_error(tiny_artifacts):
+    """A sample of benchmarks/fuzz_score.py (the full run: 10,000 inputs, 200 processes and every
+    manifest case): valid inputs score, the rest exit 2 with one line; no traceback, no hang;
+    every damaged manifest or file is refused unless the runtime never reads what changed."""
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "fuzz_score.py", "--artifacts", tiny_artifacts,
+                           "--inputs", "400", "--processes", "18", "--manifest-cases", "120", "--timeout", "60"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "\n0 failures" in done.stdout
+    assert "400 cases, 0 failures (0 tracebacks, 0 hangs)" in done.stdout
