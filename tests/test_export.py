@@ -398,10 +398,12 @@ def test_a_text_only_catalogue_trains_exports_and_serves_one_modality(tiny_data_
                              capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr
     assert "no item has image features; the model uses text only" in trained.stderr
-    result = cli(run, "--out", out, "--fp16", "--top-k", 20)
+    result = cli(run, "--out", out, "--fp16", "--top-k", 20, "--triton", tmp_path / "triton")
     assert result.exit_code == 0, result.stderr
     manifest = verify_artifacts(out)
     assert manifest.modalities == ("text",) and manifest.dim == manifest.item_dim == 16
+    tower = (tmp_path / "triton" / "mp4sr_item_tower" / "config.pbtxt").read_text()
+    assert '"text_feats"' in tower and "image" not in tower
     assert [t.name for t in manifest.models["item_tower"].inputs] == ["text_feats", "text_mask"]
     assert np.load(out / "item_inputs.npy").shape == (61, 16)
 
@@ -429,3 +431,30 @@ def test_a_text_only_catalogue_trains_exports_and_serves_one_modality(tiny_data_
     ids = np.array([[1, 2, 3]])
     _, top, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
     assert [line.split("\t")[0] for line in cpp.stdout.splitlines()] == [items[i - 1] for i in top[0, :10]]
+
+
+def test_export_reads_the_run_directory_alone_and_fails_clearly_without_what_it_recorded(extractor_run, tmp_path):
+    """The CLIP word list comes from the run's checkpoint, not the training data (moved away
+    here); a word list missing or edited, or an encoder that changed, fails the export, and
+    --no-encoders exports without the encoders."""
+    run = tmp_path / "run"
+    shutil.copytree(extractor_run, run)
+    sidecar_path = run / "checkpoint" / "config.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["data"] = str(tmp_path / "moved-away")
+    sidecar_path.write_text(json.dumps(sidecar))
+    assert cli(run, "--out", tmp_path / "fine", "--top-k", 20).exit_code == 0
+    assert verify_artifacts(tmp_path / "fine").preprocessing.image is not None
+    for change, message in (
+        (lambda f: f.pop("clip_vocabulary"), "record no CLIP word list"),
+        (lambda f: f.update(clip_vocabulary=json.dumps(["tent"])), "record no CLIP word list (or it was edited)"),
+        (lambda f: f.update(encoder_sha256="0" * 64), "changed since the features were made"),
+    ):
+        edited = json.loads(json.dumps(sidecar))
+        change(edited["features"])
+        sidecar_path.write_text(json.dumps(edited))
+        bad = tmp_path / "bad"
+        assert_clean_failure(cli(run, "--out", bad, "--top-k", 20), bad, message)
+        result = cli(run, "--out", tmp_path / "plain", "--top-k", 20, "--no-encoders")
+        assert result.exit_code == 0, result.stderr
+        assert "text_encoder" not in verify_artifacts(tmp_path / "plain").models
