@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[train,cpu,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,cpu,dev,ann]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,6 +28,11 @@ def export(
         help="Scan the catalogue in int8 and rescore this many candidates in full precision "
              "(0: off). For large catalogues on the CPU; the runtime rescans the rare history "
              "whose top k the int8 error bound cannot certify."),
+    ann: str = typer.Option(
+        "none", help="Also build a FAISS index over the item table for approximate top k: ivf, hnsw or "
+                     "none. Its search setting is tuned until --ann-recall is met (else the export fails)."),
+    ann_recall: float = typer.Option(
+        0.99, help="Recall of the exact top k (k = --top-k, and 10) the index must reach on held-out histories."),
     encoders: bool = typer.Option(
         True, help="Also export the text and image encoders the run's features were made with "
                    "(new items from raw text and images); --no-encoders leaves them out."),
@@ -37,7 +42,7 @@ def export(
     from mp4sr_export.run import export as run_export
 
     config = ExportConfig(fp16=fp16, top_k=top_k, max_batch=max_batch, trt=trt, topk_block=topk_block,
-                          int8_scan=int8_scan, encoders=encoders, triton_dir=triton)
+                          int8_scan=int8_scan, encoders=encoders, triton_dir=triton, ann=ann, ann_recall=ann_recall)
     manifest = run_export(run_dir, out, config)
     out = out if out is not None else run_dir / "artifacts"
     print(json.dumps({"artifacts": str(out), "triton": str(triton) if triton else None,

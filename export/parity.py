@@ -193,7 +193,7 @@ def check_runtime(ckpt: Checkpoint, artifacts: Path, k: int) -> dict:
     same order."""
     from mp4sr_rt.scorer import Scorer
 
-    scorer = Scorer(artifacts, backend="cpu")
+    scorer = Scorer(artifacts, backend="cpu", ann=False)  # the exact path: an index has its own gate
     inputs = serving_inputs(ckpt)
     cands = candidates(inputs)
     top = min(TOP, k)

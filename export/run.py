@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 from mp4sr_export import parity, tensorrt, triton
+from mp4sr_export.ann import build_ann
 from mp4sr_export.config import ExportConfig
 from mp4sr_export.int8_scan import with_int8_scan
 from mp4sr_export.onnx import (
@@ -171,14 +172,15 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, config: Expo
         log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
             "runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
+    index = build_ann(ckpt, config.ann, config.ann_recall, k, staging, log) if config.ann != "none" else None
     files = hash_files(staging)
-    write_manifest(build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files), staging)
+    write_manifest(build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files, index), staging)
     log("parity: the runtime (mp4sr_rt, CPU) on the artifact directory against PyTorch")
     figures["scorer"]["runtime"] = parity.check_runtime(ckpt, staging, k)
     failures = parity.gate({"scorer": figures["scorer"]}, {"scorer": config.precision})
     if failures:
         raise parity.ParityError("parity gate failed, nothing written:\n  " + "\n  ".join(failures))
-    manifest = build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files)
+    manifest = build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files, index)
     write_manifest(manifest, staging)
     return manifest
 
@@ -304,7 +306,7 @@ def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str,
 
 
 def build_manifest(ckpt: Checkpoint, run_dir: Path, config: ExportConfig, k: int, models: dict,
-                   figures: dict, preprocessing: dict | None, files: dict) -> Manifest:
+                   figures: dict, preprocessing: dict | None, files: dict, index: dict | None = None) -> Manifest:
     features = ckpt.meta.get("features", {})
     values = {
         "schema": SCHEMA,
@@ -330,7 +332,7 @@ def build_manifest(ckpt: Checkpoint, run_dir: Path, config: ExportConfig, k: int
     }
     # The nested parts go through the strict loader too, so the exporter can only write what the
     # runtime reads.
-    loose = {"models": models, "parity": figures, "preprocessing": preprocessing,
+    loose = {"models": models, "parity": figures, "preprocessing": preprocessing, "ann": index,
              "files": {name: dataclasses.asdict(entry) for name, entry in files.items()}}
     try:
         return Manifest.from_dict({**{key: _plain(v) for key, v in values.items()}, **loose})

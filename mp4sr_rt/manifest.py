@@ -135,6 +135,23 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class AnnIndex:
+    """An approximate (FAISS) index over the serving table: `export --ann`."""
+
+    file: str
+    kind: str  # ivf | hnsw
+    params: dict[str, int]  # how it was built: nlist, or m and ef_construction
+    search: dict[str, int]  # the tuned search setting: nprobe, or ef_search
+    target_recall: float  # what the export was asked for, on recall@k and recall@10
+    k: int  # the k of recall_at_k (the manifest's top_k)
+    recall_at_10: float  # measured on held-out histories (not those it was tuned on)
+    recall_at_k: float
+    tuned_rows: int
+    checked_rows: int
+    build_seconds: float
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema: str
     created: str
@@ -158,6 +175,7 @@ class Manifest:
     parity: dict[str, dict[str, dict[str, int | float | bool]]]  # role -> backend -> figure
     files: dict[str, FileEntry]
     preprocessing: Preprocessing | None = None
+    ann: AnnIndex | None = None
 
     def __post_init__(self) -> None:
         where = MANIFEST
@@ -181,6 +199,11 @@ class Manifest:
             for kind, got, want in (("inputs", model.inputs, inputs), ("outputs", model.outputs, outputs)):
                 _check(got == want, f"{where} models.{role}.{kind}",
                        f"{_describe(got)} is not what this manifest's model takes or gives: {_describe(want)}")
+        if self.ann is not None:
+            _check(self.ann.kind in ("ivf", "hnsw"), f"{where} ann.kind", f"{self.ann.kind!r} is not ivf or hnsw")
+            wanted = {"ivf": {"nprobe"}, "hnsw": {"ef_search"}}[self.ann.kind]
+            _check(set(self.ann.search) == wanted and all(v >= 1 for v in self.ann.search.values()),
+                   f"{where} ann.search", f"expected {sorted(wanted)} >= 1, got {self.ann.search}")
         for role, part in (("text_encoder", "text"), ("image_encoder", "image")):
             has = self.preprocessing is not None and getattr(self.preprocessing, part) is not None
             _check((role in self.models) == has, f"{where} preprocessing",
@@ -230,6 +253,8 @@ class Manifest:
             paths.append((model.file, f"models.{role}.file"))
             if model.tensorrt is not None:
                 paths.append((model.tensorrt.file, f"models.{role}.tensorrt.file"))
+        if self.ann is not None:
+            paths.append((self.ann.file, "ann.file"))
         image = self.preprocessing.image if self.preprocessing else None
         if image is not None:
             paths += [(image.vocabulary, "preprocessing.image.vocabulary"),

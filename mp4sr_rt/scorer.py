@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mp4sr_rt import ann as ann_lib
 from mp4sr_rt.backends import Backend, open_backend
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.histories import ItemId
@@ -40,6 +41,7 @@ from mp4sr_rt.raw import RawEncoders
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 SCORE_BUDGET = 1 << 28  # score-matrix elements per model call (1 GiB in fp32), whatever N is
+EXACT_ALLOW = 20_000  # allow-lists up to this long are ranked exactly on the host, index or not
 WIDTH_STEP = 4  # histories are padded to a multiple of this: little padding, few distinct widths
 FEATURES = ("text_feats", "text_mask", "image_feats", "image_mask")
 
@@ -66,6 +68,19 @@ class _Added:
 
 
 @dataclass(frozen=True)
+class _Filters:
+    """What one score() call may not return: `blocked` (excluded and removed items), the
+    history's own items with `exclude_seen`, and anything outside `allowed` (None: no allow-list)."""
+
+    blocked: frozenset[int] | set[int]
+    allowed: np.ndarray | None  # sorted catalogue indices
+    exclude_seen: bool
+
+    def excluded(self, h: _History) -> frozenset[int]:
+        return frozenset(self.blocked) | h.seen if self.exclude_seen else frozenset(self.blocked)
+
+
+@dataclass(frozen=True)
 class _History:
     ids: list[int]  # catalogue indices, the last L known items
     seen: frozenset[int]  # every known item of the history, for exclude_seen
@@ -76,9 +91,10 @@ class Scorer:
     """Top-k recommendations from an artifact directory (see the module docstring)."""
 
     def __init__(self, artifacts: str | Path = DEFAULT_ARTIFACTS, backend: str = "auto",
-                 max_batch: int | None = None, threads: int = 0):
+                 max_batch: int | None = None, threads: int = 0, ann: bool = True):
         """`max_batch`: rows per model call (default: a 1 GiB score-matrix budget); `threads`:
-        intra-op threads of the CPU backend (0: one per core)."""
+        intra-op threads of the CPU backend (0: one per core); `ann`: rank through the artifacts'
+        approximate index when they have one (`export --ann`), else the exact scan."""
         self.directory = Path(artifacts)
         self.manifest = verify_artifacts(self.directory)  # hashes and schema: ArtifactError naming the file
         self.max_len, self.top_k = self.manifest.max_len, self.manifest.top_k
@@ -94,7 +110,15 @@ class Scorer:
                                        (self.num_base + 1, self.manifest.dim), mmap=True)
         self._table: np.ndarray | None = None
         self._added = _Added()
+        self._removed: frozenset[int] = frozenset()
         self._write_lock = threading.Lock()
+        self._ann = None
+        if ann and self.manifest.ann is not None:
+            spec = self.manifest.ann
+            self._ann = ann_lib.read(self.directory / spec.file, spec.kind, spec.search, threads)
+            if self._ann.size != self.num_base or self._ann.index.d != self.manifest.dim:
+                raise ArtifactError(f"{self.directory / spec.file}: {self._ann.size} rows of {self._ann.index.d}, "
+                                    f"manifest says {self.num_base} of {self.manifest.dim}")
         self.backend: Backend = open_backend(backend, self.directory, self.manifest, threads)
         self._raw = RawEncoders(self.directory, self.manifest, self.backend)
         budget = max(1, SCORE_BUDGET // (self.num_base + 1))
@@ -123,37 +147,73 @@ class Scorer:
         return items, popularity
 
     @property
+    def approximate(self) -> bool:
+        """Whether scoring goes through the approximate index (export --ann)."""
+        return self._ann is not None
+
+    @property
     def num_items(self) -> int:
         """Items that can be recommended: the trained catalogue plus those added at serve time."""
         return self.num_base + len(self._added.ids)
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def score(self, histories: Iterable[Sequence[ItemId]], k: int = 10,
-              exclude_seen: bool = True) -> list[Recommendation]:
+    def score(self, histories: Iterable[Sequence[ItemId]], k: int = 10, exclude_seen: bool = True,
+              exclude: Iterable[ItemId] = (), allow: Iterable[ItemId] | None = None) -> list[Recommendation]:
         """One Recommendation per history, in order. Histories hold original item ids, oldest
         first; unknown ids are dropped (and reported), the last L known ones are used. A k above
-        the catalogue size returns the whole catalogue."""
+        the catalogue size returns the whole catalogue. Filters, for every history of the call:
+        `exclude`, items never to return; `allow`, the only items that may be returned (ids
+        unknown to the catalogue are ignored in both); removed items are never returned."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"k must be an integer >= 1, got {k!r}")
         k = min(k, self.num_items)
-        added = self._added
+        added, removed = self._added, self._removed
+        blocked = removed | self._indices(exclude, added, "exclude")
+        allowed = None
+        if allow is not None:
+            allowed = np.array(sorted(self._indices(allow, added, "allow") - blocked), dtype=np.int64)
+        filters = _Filters(blocked, allowed, exclude_seen)
         prepared = [self._prepare(history, added) for history in histories]
         results: list[Recommendation | None] = [None] * len(prepared)
-        groups: dict[tuple[bool, int], list[int]] = {}  # (holds added items, width) -> rows
+        groups: dict[tuple[str, int], list[int]] = {}  # (path, width) -> rows
         for i, h in enumerate(prepared):
             if not h.ids:
-                results[i] = self._popular_items(h, k)
+                results[i] = self._popular_items(h, k, filters)
+                continue
+            width = self._width(len(h.ids)) if self.backend.exact_rows else self.max_len
+            if self._ann is not None and (allowed is None or len(allowed) > EXACT_ALLOW):
+                path = "ann"
+            elif max(h.ids) > self.num_base or allowed is not None:
+                path = "host"  # the user vector, then the trained and added items ranked on the host
             else:
-                width = self._width(len(h.ids)) if self.backend.exact_rows else self.max_len
-                groups.setdefault((max(h.ids) > self.num_base, width), []).append(i)
-        for (with_added, width), rows in groups.items():
-            path = self._score_added if with_added else self._score_base
+                path = "scorer"
+            groups.setdefault((path, width), []).append(i)
+        for (path, width), rows in groups.items():
             for chunk in _chunks(rows, self.max_batch):
-                recs = path([prepared[i] for i in chunk], width, k, exclude_seen, added)
+                histories_chunk = [prepared[i] for i in chunk]
+                if path == "scorer":
+                    recs = self._score_base(histories_chunk, width, k, filters, added)
+                else:
+                    users = self._users(histories_chunk, width, added)
+                    if path == "ann":
+                        recs = self._from_ann(histories_chunk, users, k, filters, added)
+                    else:
+                        recs = [self._from_user(h, u, k, filters, added)
+                                for h, u in zip(histories_chunk, users, strict=True)]
                 for i, rec in zip(chunk, recs, strict=True):
                     results[i] = rec
         return results  # type: ignore[return-value]
+
+    def _indices(self, ids: Iterable[ItemId], added: _Added, name: str) -> set[int]:
+        if isinstance(ids, (str, bytes)):
+            raise UserError(f"{name} must be a list of item ids, not one string")
+        out = set()
+        for item in ids:
+            index = self._index.get(str(item)) or added.index.get(str(item))
+            if index is not None:
+                out.add(index)
+        return out
 
     def _width(self, length: int) -> int:
         """Padded width of a history: its length rounded up to a multiple of WIDTH_STEP, at most
@@ -180,57 +240,92 @@ class Scorer:
             row[: len(h.ids)] = h.ids
         return ids
 
-    def _score_base(self, histories: list[_History], width: int, k: int, exclude_seen: bool,
+    def _score_base(self, histories: list[_History], width: int, k: int, filters: _Filters,
                     added: _Added) -> list[Recommendation]:
         scores, items, users, bounds = self.backend.run(self._padded(histories, width))
         if bounds is None:  # the exact scan: nothing outside the top K scores above its last
             bounds = np.full((len(histories), 1), -np.inf, np.float32)
-        return [self._from_top_k(h, s, it, u, float(b[0]), k, exclude_seen, added)
+        return [self._from_top_k(h, s, it, u, float(b[0]), k, filters, added)
                 for h, s, it, u, b in zip(histories, scores, items, users, bounds, strict=True)]
 
     def _from_top_k(self, h: _History, scores: np.ndarray, items: np.ndarray, user: np.ndarray,
-                    bound: float, k: int, exclude_seen: bool, added: _Added) -> Recommendation:
-        seen = h.seen if exclude_seen else frozenset()
+                    bound: float, k: int, filters: _Filters, added: _Added) -> Recommendation:
+        excluded = filters.excluded(h)
         pairs = zip(items.tolist(), scores.tolist(), strict=True)
-        top = list(islice(((i, s) for i, s in pairs if i not in seen), k))
+        top = list(islice(((i, s) for i, s in pairs if i not in excluded), k))
         # The graph's top K holds every trained item that can still make the top k unless
         # exclusions left fewer than k of them, or (int8 scan) an item it left out may score
         # above the k-th: then rank the whole catalogue on the host.
         if (len(top) < k and self.top_k < self.num_base) or (top and top[-1][1] < bound):
             self.rescans += 1
-            return self._from_user(h, user, k, exclude_seen, added)
-        return self._recommend(h, self._merge_added(top, user, seen, k, added))
+            return self._from_user(h, user, k, filters, added)
+        return self._recommend(h, self._merge_added(top, user, excluded, None, k, added))
 
-    def _score_added(self, histories: list[_History], width: int, k: int, exclude_seen: bool,
-                     added: _Added) -> list[Recommendation]:
+    def _users(self, histories: list[_History], width: int, added: _Added) -> np.ndarray:
+        """User vectors (B, M d) through the history encoder, for histories of any items."""
         ids = self._padded(histories, width)
         base = ids <= self.num_base
-        inputs = np.empty((*ids.shape, self._item_inputs.shape[1]), dtype=np.float32)  # (B, L, 2d)
+        inputs = np.empty((*ids.shape, self._item_inputs.shape[1]), dtype=np.float32)  # (B, L, M d)
         inputs[base] = self._item_inputs[ids[base]]  # padding reads row 0: zeros
-        inputs[~base] = added.inputs[ids[~base] - self.num_base - 1]
-        users = self.backend.encode_history(inputs, (ids != 0).sum(axis=1))
-        return [self._from_user(h, u, k, exclude_seen, added)
-                for h, u in zip(histories, users, strict=True)]
+        if not base.all():
+            inputs[~base] = added.inputs[ids[~base] - self.num_base - 1]
+        return self.backend.encode_history(inputs, (ids != 0).sum(axis=1))
 
-    def _from_user(self, h: _History, user: np.ndarray, k: int, exclude_seen: bool,
+    def _from_user(self, h: _History, user: np.ndarray, k: int, filters: _Filters,
                    added: _Added) -> Recommendation:
-        """Rank the whole trained catalogue for one user vector on the host (one row at a time:
-        a matrix-vector product gives the same bits whatever the batch)."""
-        scores = self._host_table() @ user  # (N + 1,)
-        scores[0] = -np.inf
-        seen = h.seen if exclude_seen else frozenset()
-        base_seen = [i for i in seen if i <= self.num_base]
-        scores[base_seen] = -np.inf
-        top = [(i, float(scores[i])) for i in _top_indices(scores, k)]
-        return self._recommend(h, self._merge_added(top, user, seen, k, added))
+        """Rank the trained catalogue (or the allowed part of it) for one user vector on the host
+        (one row at a time: a matrix-vector product gives the same bits whatever the batch)."""
+        excluded = filters.excluded(h)
+        if filters.allowed is None:
+            scores = self._host_table() @ user  # (N + 1,)
+            scores[0] = -np.inf
+            scores[[i for i in excluded if i <= self.num_base]] = -np.inf
+            top = [(i, float(scores[i])) for i in _top_indices(scores, k)]
+        else:
+            rows = filters.allowed[filters.allowed <= self.num_base]
+            rows = rows[~np.isin(rows, list(excluded))] if excluded else rows
+            scores = self._rows(rows, added) @ user if len(rows) else np.zeros(0, np.float32)
+            top = [(int(rows[j]), float(scores[j])) for j in _top_indices(scores, k)]
+        return self._recommend(h, self._merge_added(top, user, excluded, filters.allowed, k, added))
 
-    def _merge_added(self, top: list[tuple[int, float]], user: np.ndarray, seen: frozenset[int],
-                     k: int, added: _Added) -> list[tuple[int, float]]:
+    def _from_ann(self, histories: list[_History], users: np.ndarray, k: int, filters: _Filters,
+                  added: _Added) -> list[Recommendation]:
+        """The index's candidates (trained and added items alike, filters applied by FAISS's ID
+        selectors), rescored against the full-precision serving rows."""
+        extra = max(len(h.seen) for h in histories) if filters.exclude_seen else 0
+        allowed = None if filters.allowed is None else filters.allowed - 1  # index positions
+        positions = self._ann.search(users, k + extra, [i - 1 for i in filters.blocked], allowed)
+        recs = []
+        for h, user, row in zip(histories, users, positions, strict=True):
+            excluded = filters.excluded(h)
+            candidates = np.array([p + 1 for p in row.tolist() if p >= 0 and p + 1 not in excluded], np.int64)
+            if len(candidates) < min(k, self.num_items - len(excluded)):
+                # The filters left the index's probed part short of k items: rank on the host.
+                self.rescans += 1
+                recs.append(self._from_user(h, user, k, filters, added))
+                continue
+            scores = self._rows(candidates, added) @ user
+            recs.append(self._recommend(h, [(int(candidates[j]), float(scores[j])) for j in _top_indices(scores, k)]))
+        return recs
+
+    def _rows(self, indices: np.ndarray, added: _Added) -> np.ndarray:
+        """Serving rows (n, M d) of catalogue indices, trained or added."""
+        base = indices <= self.num_base
+        rows = np.empty((len(indices), self.manifest.dim), np.float32)
+        rows[base] = serving_rows(np.asarray(self._item_inputs[indices[base]], np.float32), len(self.modalities))
+        if not base.all():
+            rows[~base] = added.table[indices[~base] - self.num_base - 1]
+        return rows
+
+    def _merge_added(self, top: list[tuple[int, float]], user: np.ndarray, excluded: frozenset[int],
+                     allowed: np.ndarray | None, k: int, added: _Added) -> list[tuple[int, float]]:
         if added.table is None:
             return top
         scores = added.table @ user  # (M,)
+        allowed_set = None if allowed is None else set(allowed.tolist())
         candidates = [(self.num_base + 1 + j, float(s)) for j, s in enumerate(scores.tolist())
-                      if self.num_base + 1 + j not in seen]
+                      if self.num_base + 1 + j not in excluded
+                      and (allowed_set is None or self.num_base + 1 + j in allowed_set)]
         # Stable sort on score alone: ties keep trained items first, then added order.
         return sorted(top + candidates, key=lambda pair: -pair[1])[:k]
 
@@ -238,10 +333,12 @@ class Scorer:
         items = [self._original_id(i) for i, _ in top]
         return Recommendation(items, [s for _, s in top], h.unknown)
 
-    def _popular_items(self, h: _History, k: int) -> Recommendation:
-        top = self._popular[:k]
-        return Recommendation([self._original_id(int(i)) for i in top],
-                              self._popularity[top - 1].tolist(), h.unknown, "popular")
+    def _popular_items(self, h: _History, k: int, filters: _Filters) -> Recommendation:
+        excluded = filters.blocked
+        allowed = None if filters.allowed is None else set(filters.allowed.tolist())
+        top = [int(i) for i in self._popular if int(i) not in excluded and (allowed is None or int(i) in allowed)][:k]
+        return Recommendation([self._original_id(i) for i in top],
+                              self._popularity[np.array(top, np.int64) - 1].tolist(), h.unknown, "popular")
 
     def _original_id(self, index: int) -> ItemId:
         if index <= self.num_base:
@@ -287,12 +384,33 @@ class Scorer:
             old = self._added
             self._check_new_ids(ids)  # again, under the lock: a concurrent add may have won
             start = self.num_base + len(old.ids) + 1
+            if self._ann is not None:
+                self._ann.add(table, start - 1)  # index position = catalogue index - 1
             self._added = _Added(
                 old.ids + tuple(ids),
                 {**old.index, **{str(item): start + j for j, item in enumerate(ids)}},
                 table if old.table is None else np.concatenate([old.table, table]),
                 inputs if old.inputs is None else np.concatenate([old.inputs, inputs]),
             )
+
+    def remove_items(self, ids: Sequence[ItemId]) -> None:
+        """Never recommend these items again (trained or added ones); they still count in the
+        histories that hold them. An id not in the catalogue raises UserError and removes nothing."""
+        ids = list(ids)
+        if isinstance(ids, (str, bytes)) or not ids:
+            raise UserError("remove_items: give a list of item ids")
+        with self._write_lock:
+            indices = []
+            for item in ids:
+                index = self._index.get(str(item)) or self._added.index.get(str(item))
+                if index is None:
+                    raise UserError(f"remove_items: item {item!r} is not in the catalogue")
+                indices.append(index)
+            self._removed = self._removed | frozenset(indices)
+
+    @property
+    def removed(self) -> list[ItemId]:
+        return [self._original_id(i) for i in sorted(self._removed)]
 
     def _check_new_ids(self, ids: list[ItemId]) -> None:
         if not ids:

@@ -50,6 +50,13 @@ def score(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Score the valid histories and report the invalid ones in place, "
                                "instead of failing when any is invalid.")] = False,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="An item id never to return (repeatable).")] = None,
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", help="An item id that may be returned (repeatable): with it, only those are.")] = None,
+    exact: Annotated[bool, typer.Option(
+        "--exact", help="Rank by the exact scan even where the artifacts carry an approximate "
+                        "(FAISS) index.")] = False,
     new_items: Annotated[Path | None, typer.Option(
         "--new-items", help="items.jsonl of items to add before scoring (item_id, text fields, "
                             "images relative to the file): recommendable and usable in histories "
@@ -67,18 +74,20 @@ def score(
     from mp4sr_rt.scorer import Scorer  # numpy and onnxruntime: only once the input is valid
 
     start = time.perf_counter()
-    scorer = Scorer(artifacts, backend=backend)
+    scorer = Scorer(artifacts, backend=backend, ann=not exact)
     if new_items is not None:
         add_new_items(scorer, new_items)
     valid = [e for e in entries if isinstance(e, HistoryRequest)]
-    recommendations = iter(scorer.score([e.items for e in valid], k=k, exclude_seen=exclude_seen))
+    recommendations = iter(scorer.score([e.items for e in valid], k=k, exclude_seen=exclude_seen,
+                                        exclude=exclude or (), allow=allow))
     results = [
         {"user": e.user, "error": f"{e.position}: {e.error}"} if isinstance(e, InvalidEntry)
         else result_json(e, next(recommendations))
         for e in entries
     ]
     write_stdout("[" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in results) + "]\n")
-    print(f"scored {len(valid)} histories ({len(invalid)} skipped) on {scorer.backend.name} in "
+    search = f"{scorer.manifest.ann.kind} index" if scorer.approximate else "exact scan"
+    print(f"scored {len(valid)} histories ({len(invalid)} skipped) on {scorer.backend.name}, {search}, in "
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 

@@ -1,0 +1,164 @@
+"""Approximate top-k over the serving table with FAISS (inner product), behind a recall contract.
+
+    index = build("ivf", table)                        # table float32 (N, M d): serving rows of items 1..N
+    ann = AnnSearch(index, "ivf", {"nprobe": 16})
+    positions = ann.search(users, pool, blocked=..., allowed=...)   # (B, pool) row positions, -1 when fewer
+
+A row position p is catalogue index p + 1 (index 0 is padding and never in the index); items
+added at serve time take the next positions. `mp4sr-rt export --ann ivf|hnsw` builds the index and
+tunes its search parameter until the recall of the exact top k reaches the target on held-out
+histories (docs/artifacts.md); the runtime then searches a pool of candidates and rescores them
+against the full-precision table (mp4sr_rt.scorer). Filters (items excluded, an allow-list, removed
+items) go through FAISS's ID selectors, so a filtered request gets the top k of the items it may see.
+
+faiss is imported on first use: install `mp4sr-rt[ann]` (faiss-cpu).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+
+from mp4sr_rt.errors import UserError
+
+KINDS = ("ivf", "hnsw")
+HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
+HNSW_EF_CONSTRUCTION = 200
+MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training vectors per IVF list
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("these artifacts carry an approximate (FAISS) index: install it with "
+                        "`pip install 'mp4sr-rt[ann]'` (faiss-cpu), or open the Scorer with ann=False "
+                        "(`score --exact`) for the exact scan") from None
+    return faiss
+
+
+def ivf_lists(n: int) -> int:
+    """IVF lists for n items: about 4 sqrt(n), with at least MIN_POINTS_PER_LIST items per list."""
+    return max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+
+
+def build(kind: str, table: np.ndarray, seed: int = 0):
+    """A FAISS inner-product index over `table` (N, D) float32, rows at positions 0..N-1."""
+    faiss = import_faiss()
+    n, dim = table.shape
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    if kind == "ivf":
+        nlist = ivf_lists(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(table)
+        index.add_with_ids(table, np.arange(n, dtype=np.int64))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(table)
+    else:
+        raise UserError(f"unknown index kind {kind!r}; choose {', '.join(KINDS)}")
+    return index
+
+
+def build_params(kind: str, index) -> dict[str, int]:
+    if kind == "ivf":
+        return {"nlist": int(index.nlist)}
+    return {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
+
+
+def search_ladder(kind: str, index, k: int) -> list[dict[str, int]]:
+    """Search settings from fastest to most exact, for tuning."""
+    if kind == "ivf":
+        steps = [1 << i for i in range(int(index.nlist).bit_length()) if 1 << i < index.nlist] + [int(index.nlist)]
+        return [{"nprobe": p} for p in steps]
+    return [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if ef >= k]
+
+
+def exact_top(table: np.ndarray, users: np.ndarray, k: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Row positions of the exact top k (best first) of users (B, D) over table (N, D), in chunks
+    of the table: memory B x chunk, whatever N."""
+    scores, positions = [], []
+    for start in range(0, len(table), chunk):
+        s = users @ table[start:start + chunk].T
+        top = min(k, s.shape[1])
+        part = np.argpartition(-s, top - 1, axis=1)[:, :top]
+        scores.append(np.take_along_axis(s, part, axis=1))
+        positions.append(part + start)
+    s, p = np.concatenate(scores, axis=1), np.concatenate(positions, axis=1)
+    return np.take_along_axis(p, np.argsort(-s, axis=1, kind="stable")[:, :k], axis=1)
+
+
+def recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean share of each row's exact top k that `found` (rows of positions, -1 padded) holds."""
+    return float(np.mean([len(set(f[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
+                          for f, e in zip(found, exact, strict=True)]))
+
+
+class AnnSearch:
+    """Thread-safe searches and additions on one FAISS index."""
+
+    def __init__(self, index, kind: str, search: dict[str, int], threads: int = 0):
+        self.faiss = import_faiss()
+        self.index, self.kind, self.search_params = index, kind, dict(search)
+        self._lock = threading.Lock()  # FAISS indexes are not safe to add to while searched
+        if threads:
+            self.faiss.omp_set_num_threads(threads)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def _params(self, selector):
+        if self.kind == "ivf":
+            return self.faiss.SearchParametersIVF(sel=selector, nprobe=self.search_params["nprobe"])
+        return self.faiss.SearchParametersHNSW(sel=selector, efSearch=self.search_params["ef_search"])
+
+    def _selector(self, blocked: Iterable[int], allowed: np.ndarray | None):
+        """Positions a search may return: not `blocked`, and among `allowed` when given (None: any)."""
+        faiss, parts = self.faiss, []
+        blocked = np.fromiter(blocked, dtype=np.int64)
+        if len(blocked):
+            parts.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(blocked)))
+        if allowed is not None:
+            parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
+        if not parts:
+            return None, []
+        selector = parts[0] if len(parts) == 1 else faiss.IDSelectorAnd(*parts)
+        return selector, parts  # the parts must outlive the search (FAISS keeps raw pointers)
+
+    def search(self, users: np.ndarray, pool: int, blocked: Iterable[int] = (),
+               allowed: np.ndarray | None = None) -> np.ndarray:
+        """(B, pool) row positions of the best candidates per user vector, -1 where fewer exist."""
+        selector, keep = self._selector(blocked, allowed)
+        with self._lock:
+            _, positions = self.index.search(np.ascontiguousarray(users, dtype=np.float32), pool,
+                                             params=self._params(selector))
+        del keep
+        return positions
+
+    def add(self, rows: np.ndarray, start: int) -> None:
+        """Rows (M, D) at positions start .. start + M - 1 (the next ones: items added at serve time)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        with self._lock:
+            if self.size != start:
+                raise RuntimeError(f"index holds {self.size} rows, cannot add at position {start}")
+            if self.kind == "ivf":
+                self.index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
+            else:
+                self.index.add(rows)
+
+
+def read(path, kind: str, search: dict[str, int], threads: int = 0) -> AnnSearch:
+    faiss = import_faiss()
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        from mp4sr_rt.errors import ArtifactError
+
+        raise ArtifactError(f"{path}: FAISS cannot read it ({' '.join(str(e).split())[:200]})") from None
+    return AnnSearch(index, kind, search, threads)

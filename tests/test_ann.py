@@ -1,0 +1,153 @@
+"""The approximate index (export --ann): its recall gate, the runtime's search with filters,
+added and removed items, against the exact scorer on the same artifacts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mp4sr_rt.errors import UserError
+from mp4sr_rt.manifest import verify_artifacts
+from mp4sr_rt.scorer import Scorer
+
+ITEMS = 3000
+
+
+@pytest.fixture(scope="module")
+def catalogue_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny model over a 3,000-item catalogue of generated features: an item table with the
+    clustered structure of a trained one."""
+    import torch
+    from mp4sr_train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from mp4sr_train.data.demo import catalogue_features
+    from mp4sr_train.model import ItemFeatures
+
+    base = load_checkpoint(tiny_run / "checkpoint")
+    f = catalogue_features(ITEMS, base.model.feat_dim, seed=3)
+    feats = ItemFeatures(*(torch.as_tensor(f[k]) for k in ("text", "text_mask", "image", "image_mask")))
+    with torch.no_grad():
+        z = base.model.encode_items(feats)
+    counts = np.random.default_rng(0).integers(0, 50, ITEMS + 1)
+    counts[0] = 0
+    meta = {"stage": "finetune", "item_ids": [f"c{i}" for i in range(ITEMS)], "train_counts": counts.tolist(),
+            "features": {}}
+    run = tmp_path_factory.mktemp("catalogue") / "run"
+    save_checkpoint(run / "checkpoint", Checkpoint(base.cfg, base.model, None, z, meta))
+    return run
+
+
+@pytest.fixture(scope="module")
+def ivf(catalogue_run, tmp_path_factory) -> Path:
+    from mp4sr_export.run import export
+
+    out = tmp_path_factory.mktemp("ann") / "artifacts"
+    export(catalogue_run, out, top_k=50, ann="ivf", ann_recall=0.99)
+    return out
+
+
+def histories(n: int, seed: int) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    return [[f"c{i}" for i in rng.integers(0, ITEMS, rng.integers(1, 9))] for _ in range(n)]
+
+
+def overlap(a, b, k: int) -> float:
+    return float(np.mean([len(set(x.items[:k]) & set(y.items[:k])) / k for x, y in zip(a, b, strict=True)]))
+
+
+def test_the_index_is_tuned_behind_the_gate_and_recorded(ivf):
+    manifest = verify_artifacts(ivf)
+    spec = manifest.ann
+    assert spec.kind == "ivf" and spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
+    assert spec.recall_at_10 >= 0.99 and spec.recall_at_k >= 0.99 and spec.k == 50
+    assert spec.tuned_rows >= 256 and spec.checked_rows >= 256
+    assert manifest.files[spec.file].bytes > ITEMS * manifest.dim * 4
+
+
+def test_runtime_recall_on_fresh_histories_and_filters(ivf):
+    approx, exact = Scorer(ivf, backend="cpu"), Scorer(ivf, backend="cpu", ann=False)
+    assert approx.approximate and not exact.approximate
+    batch = histories(300, seed=21)
+    got, want = approx.score(batch, k=10), exact.score(batch, k=10)
+    assert overlap(got, want, 10) >= 0.98
+    for g, w in zip(got, want, strict=True):  # scores are the exact ones, in order
+        assert g.scores == sorted(g.scores, reverse=True)
+        common = set(g.items) & set(w.items)
+        assert all(abs(g.scores[g.items.index(i)] - w.scores[w.items.index(i)]) < 1e-5 for i in common)
+    # Seen items, an exclusion list and an allow-list, through FAISS's selectors.
+    excluded = [item for rec in want[:50] for item in rec.items[:3]]
+    got = approx.score(batch[:50], k=10, exclude=excluded)
+    assert not {i for rec in got for i in rec.items} & set(excluded)
+    assert all(not set(rec.items) & set(h) for rec, h in zip(got, batch[:50], strict=True))
+    allowed = [f"c{i}" for i in range(0, ITEMS, 3)]
+    got, want = approx.score(batch[:50], k=10, allow=allowed), exact.score(batch[:50], k=10, allow=allowed)
+    assert {i for rec in got for i in rec.items} <= set(allowed) and overlap(got, want, 10) >= 0.95
+    small = allowed[:7]  # fewer allowed items than k: all of them, in the exact order
+    got, want = approx.score(batch[:20], k=10, allow=small), exact.score(batch[:20], k=10, allow=small)
+    assert [r.items for r in got] == [r.items for r in want]
+
+
+def test_added_and_removed_items_on_the_index(ivf):
+    approx, exact = Scorer(ivf, backend="cpu"), Scorer(ivf, backend="cpu", ann=False)
+    rng = np.random.default_rng(4)
+    feats = {"text_feats": rng.normal(size=(20, 2, 12)).astype(np.float32),
+             "image_feats": rng.normal(size=(20, 1, 12)).astype(np.float32)}
+    for scorer in (approx, exact):
+        scorer.add_items([f"new{j}" for j in range(20)], **feats)
+    batch = [["new3", "c5"], ["new7"], *histories(100, seed=5)]
+    got, want = approx.score(batch, k=10), exact.score(batch, k=10)
+    assert overlap(got, want, 10) >= 0.97
+    assert any(i.startswith("new") for rec in want for i in rec.items)  # new items do compete
+    assert {i for rec in got for i in rec.items if i.startswith("new")} == \
+        {i for rec in want for i in rec.items if i.startswith("new")}
+    removed = sorted({i for rec in want[:10] for i in rec.items[:2]})
+    for scorer in (approx, exact):
+        scorer.remove_items(removed)
+    assert set(approx.removed) == set(removed)
+    got = approx.score(batch, k=10) + approx.score([["unknown"]], k=10) + exact.score(batch[:10], k=10)
+    assert not {i for rec in got for i in rec.items} & set(removed)
+    with pytest.raises(UserError, match="not in the catalogue"):
+        approx.remove_items(["nope"])
+
+
+def test_an_unreachable_target_fails_the_export_and_writes_nothing(catalogue_run, tmp_path, monkeypatch):
+    from mp4sr_export.run import export
+
+    from mp4sr_rt import ann
+
+    monkeypatch.setattr(ann, "search_ladder", lambda kind, index, k: [{"nprobe": 1}])
+    out = tmp_path / "artifacts"
+    with pytest.raises(UserError, match="no search setting reaches recall 0.999"):
+        export(catalogue_run, out, top_k=50, ann="ivf", ann_recall=0.999)
+    assert not out.exists() and not list(tmp_path.glob(".artifacts.*"))
+
+
+def test_hnsw_and_the_cli(catalogue_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mp4sr_cli import app
+
+    out = tmp_path / "artifacts"
+    result = CliRunner().invoke(app, ["export", str(catalogue_run), "--out", str(out), "--top-k", "20",
+                                      "--ann", "hnsw", "--ann-recall", "0.99"])
+    assert result.exit_code == 0, result.stderr
+    spec = verify_artifacts(out).ann
+    assert spec.kind == "hnsw" and spec.search["ef_search"] >= 20 and min(spec.recall_at_10, spec.recall_at_k) >= 0.99
+    (tmp_path / "h.json").write_text(json.dumps(histories(5, seed=1)))
+    scored = CliRunner().invoke(app, ["score", str(tmp_path / "h.json"), "--artifacts", str(out), "--backend", "cpu",
+                                      "--exclude", "c1", "--allow", "c1", "--allow", "c2", "--allow", "c3"])
+    assert scored.exit_code == 0, scored.stderr
+    assert "hnsw index" in scored.stderr
+    assert {i for r in json.loads(scored.stdout) for i in r["items"]} <= {"c2", "c3"}
+    bad = CliRunner().invoke(app, ["export", str(catalogue_run), "--out", str(tmp_path / "x"), "--ann", "lsh"])
+    assert bad.exit_code == 2 and "--ann: expected ivf, hnsw or none" in bad.stderr
+
+
+def test_without_faiss_an_index_says_what_to_install(ivf, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(UserError, match=r"pip install 'mp4sr-rt\[ann\]'"):
+        Scorer(ivf, backend="cpu")
+    assert not Scorer(ivf, backend="cpu", ann=False).approximate
