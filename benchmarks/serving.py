@@ -112,6 +112,9 @@ def parse_args() -> argparse.Namespace:
                    help="export the scorer with a two-stage top k over blocks of this many items")
     p.add_argument("--int8-scan", type=int, default=0, metavar="C",
                    help="also time artifacts exported with --int8-scan C (C < the smallest catalogue)")
+    p.add_argument("--ann", default="", help="also time artifacts with these approximate indexes "
+                   "(export --ann), comma-separated: ivf, hnsw; synthetic catalogues only")
+    p.add_argument("--ann-recall", type=float, default=0.99, help="their recall target (export --ann-recall)")
     p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",
                    help="exported catalogues, reused by later runs with the same settings")
     p.add_argument("--out", type=Path, default=ROOT / "mp4sr-out" / "bench")
@@ -119,6 +122,7 @@ def parse_args() -> argparse.Namespace:
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     args.batches = sorted({int(b) for b in args.batches.split(",")})
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.ann = [a.strip() for a in args.ann.split(",") if a.strip()]
     return args
 
 
@@ -150,11 +154,14 @@ def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, dict[str, 
     variants = {"": work / "artifacts"}
     if args.int8_scan:
         variants["-int8"] = work.with_name(f"{work.name}-int8-{args.int8_scan}") / "artifacts"
+    for kind in args.ann if size != "demo" else []:
+        variants[f"-ann-{kind}"] = work.with_name(f"{work.name}-ann-{kind}-{args.ann_recall}") / "artifacts"
     for suffix, artifacts in variants.items():
         if not (artifacts / MANIFEST).is_file():
             t0 = time.perf_counter()
+            kind = suffix.removeprefix("-ann-") if suffix.startswith("-ann-") else "none"
             export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block,
-                   int8_scan=args.int8_scan if suffix else 0)
+                   int8_scan=args.int8_scan if suffix == "-int8" else 0, ann=kind, ann_recall=args.ann_recall)
             print(f"{name}{suffix}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return name, variants, load_checkpoint(run / "checkpoint")
 
@@ -164,13 +171,26 @@ def label(items: int) -> str:
 
 
 def synthetic(base: Checkpoint | None, items: int) -> Checkpoint:
-    """The base model (or an untrained demo-shape one) with a random item table of `items`."""
+    """The base model (or an untrained demo-shape one) over a catalogue of `items` generated items
+    (train/data/demo.py catalogue_features: clustered topics, as in the demo data), their vectors
+    from the model's own item tower: a table shaped like a trained one, not uniform noise. The
+    items are feature-only (no ID rows), as new catalogue items are."""
+    from mp4sr_train.data.demo import catalogue_centres, catalogue_features
+
     cfg = base.cfg if base else preset("demo")
     model = base.model if base else M2SE(cfg.model, DEMO_FEAT_DIM).eval()
-    g = torch.Generator().manual_seed(items)
-    z = torch.randn(2, items + 1, cfg.model.d, generator=g)  # (2, N + 1, d) feature-only vectors
-    z[:, 0] = 0.0  # the padding item
-    counts = torch.randint(0, 100, (items + 1,), generator=g)
+    topics = max(256, items // 200)  # about 200 items per topic at any size
+    centres = catalogue_centres(model.feat_dim, seed=items, topics=topics)
+    parts, chunk = [torch.zeros(len(cfg.model.modalities), 1, cfg.model.d)], 50_000
+    with torch.inference_mode():
+        for start in range(0, items, chunk):
+            f = catalogue_features(min(chunk, items - start), model.feat_dim, seed=start, centres=centres)
+            slots = {"text": (f["text"], f["text_mask"]), "image": (f["image"], f["image_mask"])}
+            z = [model.adaptor[m](model.pool_slots(m, *map(torch.as_tensor, slots[name])))[1:]
+                 for m, name in enumerate(cfg.model.modalities)]
+            parts.append(torch.stack(z))
+    z = torch.cat(parts, dim=1)  # (M, N + 1, d), row 0 the padding item
+    counts = torch.randint(0, 100, (items + 1,), generator=torch.Generator().manual_seed(items))
     counts[0] = 0
     meta = {"stage": "synthetic", "item_ids": [f"s{i}" for i in range(items)],
             "train_counts": counts.tolist(), "features": {}}
@@ -226,9 +246,26 @@ def bench_catalogue(name: str, variants: dict[str, Path], ckpt: Checkpoint, devi
         reference = TorchEager(ckpt, device, manifest["top_k"], rewritten)
         bench_torch(reference, ids, args, lambda r: emit({**common, **r}))
     for suffix, artifacts in variants.items():
-        labels = {**common, "int8_scan": args.int8_scan if suffix else 0}
+        labels = {**common, "int8_scan": args.int8_scan if suffix == "-int8" else 0}
+        if suffix.startswith("-ann-"):
+            labels |= ann_figures(artifacts, histories)
         for backend in args.backends:
             bench_runtime(artifacts, backend, histories, args, suffix, lambda r, at=labels: emit({**at, **r}))
+
+
+def ann_figures(artifacts: Path, histories: list[list[str]], rows: int = 2000) -> dict:
+    """The index's settings and build cost, and the runtime's recall@10 against the exact scan of
+    the same artifacts on the benchmark's histories (not those the export tuned on)."""
+    from mp4sr_rt.manifest import verify_artifacts
+
+    manifest = verify_artifacts(artifacts)
+    spec = manifest.ann
+    sample = histories[:rows]
+    got = Scorer(artifacts, backend="cpu").score(sample, k=K)
+    want = Scorer(artifacts, backend="cpu", ann=False).score(sample, k=K)
+    recall = float(np.mean([len(set(g.items) & set(w.items)) / K for g, w in zip(got, want, strict=True)]))
+    return {"ann": f"{spec.kind} {spec.params} {spec.search}", "ann_recall_at_10": round(recall, 4),
+            "ann_build_s": spec.build_seconds, "ann_index_mb": round(manifest.files[spec.file].bytes / 2**20, 1)}
 
 
 def bench_torch(reference: TorchEager, ids: np.ndarray, args, emit: Callable[[dict], None]) -> None:
@@ -337,20 +374,20 @@ def table(records: list[dict]) -> str:
     """One line per (catalogue, system): batch-1 latency and its ratio to PyTorch eager,
     throughput per larger batch, and for the client runs their throughput and p99."""
     batches = sorted({r["batch"] for r in records if r.get("batch", 1) > 1})
-    head = (f"{'catalogue':11s}{'system':17s}{'b1 p50 ms':>10s}{'b1 p99 ms':>10s}{'vs torch':>9s}"
+    head = (f"{'catalogue':11s}{'system':22s}{'b1 p50 ms':>10s}{'b1 p99 ms':>10s}{'vs torch':>9s}"
             + "".join(f"{f'b{b} hist/s':>13s}" for b in batches)
-            + f"{'clients hist/s':>15s}{'p99 ms':>9s}")
+            + f"{'clients hist/s':>15s}{'p99 ms':>9s}{'recall@10':>10s}")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["catalogue"], r["system"]), []).append(r)
     lines = [head, "-" * len(head)]
     for (cat, system), rows in groups.items():
         if "skipped" in rows[0]:
-            lines.append(f"{cat:11s}{system:17s}  skipped: {rows[0]['skipped']}")
+            lines.append(f"{cat:11s}{system:22s}  skipped: {rows[0]['skipped']}")
             continue
         by_batch = {r["batch"]: r for r in rows if "batch" in r}
         torch_b1 = groups.get((cat, "torch-eager"), [{}])[0]
-        cells = ["", "", ""] + [""] * len(batches) + ["", ""]
+        cells = ["", "", ""] + [""] * len(batches) + ["", "", ""]
         if 1 in by_batch:
             b1 = by_batch[1]
             cells[:3] = [f"{b1['p50_ms']:.3f}", f"{b1['p99_ms']:.3f}",
@@ -358,9 +395,11 @@ def table(records: list[dict]) -> str:
         for j, b in enumerate(batches):
             cells[3 + j] = f"{by_batch[b]['histories_per_s']:.0f}" if b in by_batch else ""
         if "clients" in rows[0]:
-            cells[-2:] = [f"{rows[0]['histories_per_s']:.0f}", f"{rows[0]['p99_ms']:.2f}"]
-        widths = [10, 10, 9] + [13] * len(batches) + [15, 9]
-        lines.append(f"{cat:11s}{system:17s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True)))
+            cells[-3:-1] = [f"{rows[0]['histories_per_s']:.0f}", f"{rows[0]['p99_ms']:.2f}"]
+        if "ann_recall_at_10" in rows[0]:
+            cells[-1] = f"{rows[0]['ann_recall_at_10']:.4f}"
+        widths = [10, 10, 9] + [13] * len(batches) + [15, 9, 10]
+        lines.append(f"{cat:11s}{system:22s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)
 
 

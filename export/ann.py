@@ -37,7 +37,7 @@ def users(ckpt: Checkpoint, seed: int) -> np.ndarray:
 
 def measure(index_search: ann.AnnSearch, table: np.ndarray, u: np.ndarray, k: int) -> dict[str, float]:
     exact = ann.exact_top(table, u, k)
-    found = index_search.search(u, k)
+    found = index_search.search(u, k)[1]
     return {"recall_at_10": ann.recall(found, exact, min(10, k)), "recall_at_k": ann.recall(found, exact, k)}
 
 

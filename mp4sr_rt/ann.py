@@ -132,14 +132,17 @@ class AnnSearch:
         return selector, parts  # the parts must outlive the search (FAISS keeps raw pointers)
 
     def search(self, users: np.ndarray, pool: int, blocked: Iterable[int] = (),
-               allowed: np.ndarray | None = None) -> np.ndarray:
-        """(B, pool) row positions of the best candidates per user vector, -1 where fewer exist."""
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions), each (B, pool), best first: the candidates' inner products with
+        the user vectors and their row positions (-1 where fewer exist). Both index kinds store
+        the rows in full precision (IVF-Flat, HNSW-Flat), so the scores are the exact ones of
+        those rows: the rescoring step of a compressed index would recompute the same numbers."""
         selector, keep = self._selector(blocked, allowed)
         with self._lock:
-            _, positions = self.index.search(np.ascontiguousarray(users, dtype=np.float32), pool,
-                                             params=self._params(selector))
+            scores, positions = self.index.search(np.ascontiguousarray(users, dtype=np.float32), pool,
+                                                  params=self._params(selector))
         del keep
-        return positions
+        return scores, positions
 
     def add(self, rows: np.ndarray, start: int) -> None:
         """Rows (M, D) at positions start .. start + M - 1 (the next ones: items added at serve time)."""

@@ -290,22 +290,22 @@ class Scorer:
 
     def _from_ann(self, histories: list[_History], users: np.ndarray, k: int, filters: _Filters,
                   added: _Added) -> list[Recommendation]:
-        """The index's candidates (trained and added items alike, filters applied by FAISS's ID
-        selectors), rescored against the full-precision serving rows."""
+        """The index's best candidates (trained and added items alike, filters applied by FAISS's
+        ID selectors) with their exact scores (mp4sr_rt.ann: full-precision rows)."""
         extra = max(len(h.seen) for h in histories) if filters.exclude_seen else 0
         allowed = None if filters.allowed is None else filters.allowed - 1  # index positions
-        positions = self._ann.search(users, k + extra, [i - 1 for i in filters.blocked], allowed)
+        scores, positions = self._ann.search(users, k + extra, [i - 1 for i in filters.blocked], allowed)
         recs = []
-        for h, user, row in zip(histories, users, positions, strict=True):
-            excluded = filters.excluded(h)
-            candidates = np.array([p + 1 for p in row.tolist() if p >= 0 and p + 1 not in excluded], np.int64)
-            if len(candidates) < min(k, self.num_items - len(excluded)):
+        for h, user, row_scores, row in zip(histories, users, scores, positions, strict=True):
+            seen = h.seen if filters.exclude_seen else frozenset()
+            top = [(p + 1, s) for p, s in zip(row.tolist(), row_scores.tolist(), strict=True)
+                   if p >= 0 and p + 1 not in seen][:k]
+            if len(top) < min(k, self.num_items - len(filters.excluded(h))):
                 # The filters left the index's probed part short of k items: rank on the host.
                 self.rescans += 1
                 recs.append(self._from_user(h, user, k, filters, added))
-                continue
-            scores = self._rows(candidates, added) @ user
-            recs.append(self._recommend(h, [(int(candidates[j]), float(scores[j])) for j in _top_indices(scores, k)]))
+            else:
+                recs.append(self._recommend(h, top))
         return recs
 
     def _rows(self, indices: np.ndarray, added: _Added) -> np.ndarray:

@@ -337,25 +337,32 @@ def demo_features(data_dir: str | Path, out_file: str | Path, dim: int = 64, see
     return out_file
 
 
-def catalogue_features(n_items: int, dim: int, seed: int = 0, topics: int = 256) -> dict[str, np.ndarray]:
+def catalogue_features(n_items: int, dim: int, seed: int = 0, topics: int = 256,
+                       centres: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Features of a large synthetic catalogue with the demo's structure, without writing it:
     each item has a text topic and an image topic (the same one for 70% of the items) among
-    `topics`, TEXT_SLOTS text slots and one image slot of unit topic vector plus noise, and 5% of
-    the items lack their image. Run through a trained item tower, they give item tables shaped like
-    trained ones (benchmarks/serving.py, the approximate-index tests): clustered, not uniform."""
+    `topics` unit vectors (`centres`, drawn from `seed` when not given, so that chunks of one
+    catalogue can share them), TEXT_SLOTS text slots and one image slot of topic vector plus
+    noise, and 5% of the items lack their image. Row 0 is the padding item. Run through a trained
+    item tower they give item tables shaped like trained ones (benchmarks/serving.py, the
+    approximate-index tests): clustered, not uniform."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(topics, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    text_topic = rng.integers(0, topics, n_items + 1)
-    image_topic = np.where(rng.random(n_items + 1) < 0.7, text_topic, rng.integers(0, topics, n_items + 1))
+    if centres is None:
+        centres = catalogue_centres(dim, seed, topics)
+    text_topic = rng.integers(0, len(centres), n_items + 1)
+    image_topic = np.where(rng.random(n_items + 1) < 0.7, text_topic, rng.integers(0, len(centres), n_items + 1))
 
     def slots(topic: np.ndarray, count: int) -> np.ndarray:
         noise = rng.normal(size=(n_items + 1, count, dim)) * (FEATURE_NOISE / np.sqrt(dim))
         return (centres[topic][:, None, :] + noise).astype(np.float32)
 
-    image_mask = (rng.random((n_items + 1, 1)) > 0.05)
     out = {"text": slots(text_topic, TEXT_SLOTS), "text_mask": np.ones((n_items + 1, TEXT_SLOTS), bool),
-           "image": slots(image_topic, 1), "image_mask": image_mask}
-    for name in out:  # row 0 is the padding item
+           "image": slots(image_topic, 1), "image_mask": rng.random((n_items + 1, 1)) > 0.05}
+    for name in out:
         out[name][0] = 0
     return out
+
+
+def catalogue_centres(dim: int, seed: int = 0, topics: int = 256) -> np.ndarray:
+    centres = np.random.default_rng([seed, topics]).normal(size=(topics, dim))
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
