@@ -20,6 +20,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	@# onnxruntime C headers for the C++ example's test; MP4SR_REQUIRE_CPP=1 (CI) makes a failed fetch fatal
 	bash examples/cpp/fetch_ort_headers.sh || [ "$${MP4SR_REQUIRE_CPP:-0}" != 1 ]
+	@# FAISS's C++ library for the approximate-index example (examples/cpp/ann_search.cc), likewise
+	bash examples/cpp/fetch_faiss.sh || [ "$${MP4SR_REQUIRE_CPP:-0}" != 1 ]
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -151,3 +151,41 @@ def test_without_faiss_an_index_says_what_to_install(ivf, monkeypatch):
     with pytest.raises(UserError, match=r"pip install 'mp4sr-rt\[ann\]'"):
         Scorer(ivf, backend="cpu")
     assert not Scorer(ivf, backend="cpu", ann=False).approximate
+
+
+REQUIRE_CPP = __import__("os").environ.get("MP4SR_REQUIRE_CPP") == "1"
+
+
+def faiss_root() -> Path | None:
+    import os
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mp4sr-rt" / "faiss"
+    return root if (root / "usr/lib/x86_64-linux-gnu/libfaiss.a").is_file() else None
+
+
+@pytest.mark.skipif(not REQUIRE_CPP and (faiss_root() is None or __import__("shutil").which("g++") is None),
+                    reason="no FAISS C++ library: run examples/cpp/fetch_faiss.sh (and g++)")
+def test_cpp_example_searches_the_index_like_python(ivf, tmp_path):
+    """examples/cpp/ann_search.cc, built against Debian's FAISS (1.7.3), reads the index this
+    FAISS wrote and returns what the runtime's search returns."""
+    import os
+    import subprocess
+
+    assert faiss_root() is not None, "examples/cpp/fetch_faiss.sh failed"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FAISS_ROOT": str(faiss_root()), "PYTHON": sys.executable}
+    from test_export import ort_headers
+
+    env["ORT_INCLUDE_DIR"] = str(ort_headers())
+    subprocess.run(["bash", root / "examples/cpp/build.sh", tmp_path], check=True, env=env, capture_output=True)
+    scorer = Scorer(ivf, backend="cpu")
+    for j, history in enumerate(histories(5, seed=8)):
+        ids = np.array([[scorer._index[i] for i in history]])
+        user = scorer.backend.run(ids)[2][0].astype(np.float32)
+        (tmp_path / f"user{j}.f32").write_bytes(user.tobytes())
+        run = subprocess.run([tmp_path / "ann_search", ivf, tmp_path / f"user{j}.f32", "10"], capture_output=True,
+                             text=True, check=True)
+        got = [line.split("\t") for line in run.stdout.splitlines()]
+        scores, positions = scorer._ann.search(user[None], 10)
+        assert [item for item, _ in got] == [f"c{p}" for p in positions[0]]
+        np.testing.assert_allclose([float(s) for _, s in got], scores[0], rtol=1e-5)

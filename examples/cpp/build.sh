@@ -2,6 +2,7 @@
 # Build the scorer example against onnxruntime's C/C++ API:  examples/cpp/build.sh [OUT_DIR]
 #   ORT_INCLUDE_DIR  folder with onnxruntime_cxx_api.h (default: what fetch_ort_headers.sh unpacked)
 #   ORT_LIB          libonnxruntime.so.* (default: the one inside the Python onnxruntime wheel)
+#   FAISS_ROOT       what fetch_faiss.sh unpacked: also builds ann_search (the approximate index)
 # Headers older than the library are fine: the C API is fetched by version (GetApi(ORT_API_VERSION)).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,3 +17,10 @@ ln -sf "$lib" "$out/libonnxruntime.so.1"
 g++ -std=c++17 -O2 -Wall -Wextra -I"$include" "$here/score.cc" "$out/libonnxruntime.so.1" \
     -Wl,-rpath,'$ORIGIN' -o "$out/score"
 echo "$out/score"
+if [ -n "${FAISS_ROOT:-}" ]; then
+  lib=$FAISS_ROOT/usr/lib/x86_64-linux-gnu
+  g++ -std=c++17 -O2 -Wall -fopenmp -I"$FAISS_ROOT/usr/include" "$here/ann_search.cc" "$lib/libfaiss.a" \
+      -L"$lib/openblas-pthread" -lopenblas -L"$lib" -lgfortran \
+      -Wl,--disable-new-dtags -Wl,-rpath,"$lib/openblas-pthread" -Wl,-rpath,"$lib" -o "$out/ann_search"
+  echo "$out/ann_search"
+fi
