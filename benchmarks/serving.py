@@ -115,6 +115,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ann", default="", help="also time artifacts with these approximate indexes "
                    "(export --ann), comma-separated: ivf, hnsw; synthetic catalogues only")
     p.add_argument("--ann-recall", type=float, default=0.99, help="their recall target (export --ann-recall)")
+    p.add_argument("--ann-k", type=int, default=0, help="the k of that target (export --ann-k; 0: the top K, 100)")
     p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",
                    help="exported catalogues, reused by later runs with the same settings")
     p.add_argument("--out", type=Path, default=ROOT / "mp4sr-out" / "bench")
@@ -155,13 +156,15 @@ def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, dict[str, 
     if args.int8_scan:
         variants["-int8"] = work.with_name(f"{work.name}-int8-{args.int8_scan}") / "artifacts"
     for kind in args.ann if size != "demo" else []:
-        variants[f"-ann-{kind}"] = work.with_name(f"{work.name}-ann-{kind}-{args.ann_recall}") / "artifacts"
+        variants[f"-ann-{kind}"] = work.with_name(f"{work.name}-ann-{kind}-{args.ann_recall}"
+                                                  + (f"-k{args.ann_k}" if args.ann_k else "")) / "artifacts"
     for suffix, artifacts in variants.items():
         if not (artifacts / MANIFEST).is_file():
             t0 = time.perf_counter()
             kind = suffix.removeprefix("-ann-") if suffix.startswith("-ann-") else "none"
             export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block,
-                   int8_scan=args.int8_scan if suffix == "-int8" else 0, ann=kind, ann_recall=args.ann_recall)
+                   int8_scan=args.int8_scan if suffix == "-int8" else 0, ann=kind, ann_recall=args.ann_recall,
+                   ann_k=args.ann_k)
             print(f"{name}{suffix}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return name, variants, load_checkpoint(run / "checkpoint")
 

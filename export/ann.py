@@ -1,7 +1,7 @@
 """`mp4sr-rt export --ann ivf|hnsw`: a FAISS index over the serving table, tuned behind a recall gate.
 
 The search setting (IVF nprobe, HNSW efSearch) is raised step by step until the index's top k
-holds at least `--ann-recall` of the exact top k (k = the scorer's K, and 10) for the user
+holds at least `--ann-recall` of the exact top k (k = --ann-k, by default the scorer's K; and 10) for the user
 vectors of one set of histories; the setting is then checked on another set, drawn
 independently, and the export fails (nothing written) if either set misses the target. Users
 come from the PyTorch model's own forward (parity.reference_users), the exact top k from the

@@ -32,7 +32,8 @@ def export(
         "none", help="Also build a FAISS index over the item table for approximate top k: ivf, hnsw or "
                      "none. Its search setting is tuned until --ann-recall is met (else the export fails)."),
     ann_recall: float = typer.Option(
-        0.99, help="Recall of the exact top k (k = --top-k, and 10) the index must reach on held-out histories."),
+        0.99, help="Recall of the exact top k (k = --ann-k, and 10) the index must reach on held-out histories."),
+    ann_k: int = typer.Option(0, help="The k of --ann-recall (0: --top-k); the k a service asks for."),
     encoders: bool = typer.Option(
         True, help="Also export the text and image encoders the run's features were made with "
                    "(new items from raw text and images); --no-encoders leaves them out."),
@@ -42,7 +43,8 @@ def export(
     from mp4sr_export.run import export as run_export
 
     config = ExportConfig(fp16=fp16, top_k=top_k, max_batch=max_batch, trt=trt, topk_block=topk_block,
-                          int8_scan=int8_scan, encoders=encoders, triton_dir=triton, ann=ann, ann_recall=ann_recall)
+                          int8_scan=int8_scan, encoders=encoders, triton_dir=triton, ann=ann, ann_recall=ann_recall,
+                          ann_k=ann_k)
     manifest = run_export(run_dir, out, config)
     out = out if out is not None else run_dir / "artifacts"
     print(json.dumps({"artifacts": str(out), "triton": str(triton) if triton else None,

@@ -23,13 +23,14 @@ class ExportConfig:
     triton_dir: Path | None = None  # also write a Triton model repository there
     ann: str = "none"  # ivf | hnsw: also a FAISS index over the table, for approximate top k
     ann_recall: float = 0.99  # the recall@k of the exact top k the index must reach (export --ann-recall)
+    ann_k: int = 0  # the k of that contract (0: top_k); recall@10 is held to the target too
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_batch", "topk_block", "int8_scan"):
+        for name in ("top_k", "max_batch", "topk_block", "int8_scan", "ann_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
-        for name, low in (("top_k", 1), ("max_batch", 1), ("topk_block", 0), ("int8_scan", 0)):
+        for name, low in (("top_k", 1), ("max_batch", 1), ("topk_block", 0), ("int8_scan", 0), ("ann_k", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.topk_block and self.int8_scan:

@@ -172,7 +172,8 @@ def write_artifacts(ckpt: Checkpoint, run_dir: Path, staging: Path, config: Expo
         log(f"note: the int8 scan certified the top 10 of {certified:.0%} of the parity histories; the "
             "runtime ranks the others again in full precision, which is slower: raise --int8-scan")
 
-    index = build_ann(ckpt, config.ann, config.ann_recall, k, staging, log) if config.ann != "none" else None
+    ann_k = min(config.ann_k or k, k)
+    index = build_ann(ckpt, config.ann, config.ann_recall, ann_k, staging, log) if config.ann != "none" else None
     files = hash_files(staging)
     write_manifest(build_manifest(ckpt, run_dir, config, k, models, figures, preprocessing, files, index), staging)
     log("parity: the runtime (mp4sr_rt, CPU) on the artifact directory against PyTorch")
