@@ -6,6 +6,8 @@
     scorer.add_items(["new-1"], texts=[["Red tent", "Sleeps four."]], images=[["tent.jpg"]])
     scorer.add_items(["new-2"], text_feats=t, text_mask=tm, image_feats=i, image_mask=im)
     scorer.score([["new-1"]])                                     # new items: scorable at once
+    scorer.score(histories, exclude=["item00003"], allow=in_stock)   # filters, for every history
+    scorer.remove_items(["item00042"])                            # never recommended again
 
 Paths through the artifacts (docs/artifacts.md):
 - histories of trained items: scorer.onnx, the catalogue folded in, returns the top K and the
@@ -14,7 +16,11 @@ Paths through the artifacts (docs/artifacts.md):
 - histories holding items added at serve time: history_encoder.onnx on the items' sequence-input
   vectors (item_inputs.npy rows, or the added rows) -> u, then u . table on the host;
 - items added at serve time are scored as u . added_table and merged into the top k;
-- a history with no known item: the most popular items, flagged "popular".
+- a history with no known item: the most popular items, flagged "popular";
+- with an approximate index (export --ann) every history goes history_encoder.onnx -> u -> the
+  FAISS index (mp4sr_rt/ann.py; filters and removed items through its ID selectors) -> the top k,
+  ranked on the host instead when the filters leave the search short of k items; allow-lists of up
+  to EXACT_ALLOW items are always ranked exactly on the host.
 On the CPU every history is padded to a width that depends on its own length alone (the next
 multiple of 4, at most L), so its result never depends on the other histories of the batch, bit
 for bit. A GPU picks kernels per batch size anyway (results agree to ~1e-6, not bit for bit), so
