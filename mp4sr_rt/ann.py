@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mp4sr_rt.errors import UserError
+from mp4sr_rt.errors import ArtifactError, UserError
 
 KINDS = ("ivf", "hnsw")
 HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
@@ -161,7 +161,5 @@ def read(path, kind: str, search: dict[str, int], threads: int = 0) -> AnnSearch
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
-        from mp4sr_rt.errors import ArtifactError
-
         raise ArtifactError(f"{path}: FAISS cannot read it ({' '.join(str(e).split())[:200]})") from None
     return AnnSearch(index, kind, search, threads)
