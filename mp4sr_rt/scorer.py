@@ -78,12 +78,12 @@ class _Filters:
     """What one score() call may not return: `blocked` (excluded and removed items), the
     history's own items with `exclude_seen`, and anything outside `allowed` (None: no allow-list)."""
 
-    blocked: frozenset[int] | set[int]
+    blocked: frozenset[int]
     allowed: np.ndarray | None  # sorted catalogue indices
     exclude_seen: bool
 
     def excluded(self, h: _History) -> frozenset[int]:
-        return frozenset(self.blocked) | h.seen if self.exclude_seen else frozenset(self.blocked)
+        return self.blocked | h.seen if self.exclude_seen else self.blocked
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class Scorer:
             raise UserError(f"k must be an integer >= 1, got {k!r}")
         k = min(k, self.num_items)
         added, removed = self._added, self._removed
-        blocked = removed | self._indices(exclude, added, "exclude")
+        blocked = removed | frozenset(self._indices(exclude, added, "exclude"))
         allowed = None
         if allow is not None:
             allowed = np.array(sorted(self._indices(allow, added, "allow") - blocked), dtype=np.int64)
@@ -306,7 +306,7 @@ class Scorer:
             seen = h.seen if filters.exclude_seen else frozenset()
             top = [(p + 1, s) for p, s in zip(row.tolist(), row_scores.tolist(), strict=True)
                    if p >= 0 and p + 1 not in seen][:k]
-            if len(top) < min(k, self.num_items - len(filters.excluded(h))):
+            if len(top) < min(k, self.num_items - len(filters.blocked | seen)):
                 # The filters left the index's probed part short of k items: rank on the host.
                 self.rescans += 1
                 recs.append(self._from_user(h, user, k, filters, added))
