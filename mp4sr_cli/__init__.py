@@ -2,7 +2,7 @@
 
     mp4sr_cli  ->  train/commands.py   train, features, benchmark   (torch, inside the commands)
                ->  export/commands.py  export                       (torch, inside the command)
-               ->  mp4sr_rt/commands/  score                        (numpy + onnxruntime only)
+               ->  mp4sr_rt/commands/  score, serve, catalogue      (numpy + onnxruntime only)
 
 The serving runtime (mp4sr_rt) never imports train, export or torch; this module is the only place
 that knows all three. Every command imports its heavy dependencies inside itself, so `--help` and
@@ -16,6 +16,7 @@ from mp4sr_export import commands as export_commands
 from mp4sr_train import commands as train_commands
 
 from mp4sr_rt.commands import score as score_command
+from mp4sr_rt.commands import serve as serve_command
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +29,8 @@ app.command("features")(train_commands.features)
 app.command("export")(export_commands.export)
 app.command("score")(score_command.score)
 app.command("benchmark")(train_commands.benchmark)
+app.command("serve")(serve_command.serve)
+app.add_typer(serve_command.catalogue_app, name="catalogue")
 
 
 def main() -> None:

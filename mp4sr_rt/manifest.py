@@ -20,6 +20,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
@@ -152,6 +153,19 @@ class AnnIndex:
 
 
 @dataclass(frozen=True)
+class Catalogue:
+    """Catalogue changes since the export (`mp4sr-rt catalogue`, a running server): version n
+    lives in catalogue/v<n>/ (mp4sr_rt/catalogue.py)."""
+
+    version: int  # 1, 2, ...: one per committed change
+    changes: str  # JSON {"added": [ids], "removed": [ids]}, added in catalogue order
+    added: int  # len(added): rows of the two arrays
+    removed: int
+    added_table: str | None  # .npy float32 (added, dim): the added items' serving rows
+    added_inputs: str | None  # .npy float32 (added, dim): their sequence-input vectors
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema: str
     created: str
@@ -176,6 +190,7 @@ class Manifest:
     files: dict[str, FileEntry]
     preprocessing: Preprocessing | None = None
     ann: AnnIndex | None = None
+    catalogue: Catalogue | None = None
 
     def __post_init__(self) -> None:
         where = MANIFEST
@@ -204,6 +219,12 @@ class Manifest:
             wanted = {"ivf": {"nprobe"}, "hnsw": {"ef_search"}}[self.ann.kind]
             _check(set(self.ann.search) == wanted and all(v >= 1 for v in self.ann.search.values()),
                    f"{where} ann.search", f"expected {sorted(wanted)} >= 1, got {self.ann.search}")
+        if self.catalogue is not None:
+            c = self.catalogue
+            _check(c.version >= 1 and c.added >= 0 and c.removed >= 0, f"{where} catalogue",
+                   "version must be >= 1, added and removed >= 0")
+            _check((c.added_table is None) == (c.added_inputs is None) == (c.added == 0), f"{where} catalogue",
+                   "added_table and added_inputs go with added > 0")
         for role, part in (("text_encoder", "text"), ("image_encoder", "image")):
             has = self.preprocessing is not None and getattr(self.preprocessing, part) is not None
             _check((role in self.models) == has, f"{where} preprocessing",
@@ -255,10 +276,21 @@ class Manifest:
                 paths.append((model.tensorrt.file, f"models.{role}.tensorrt.file"))
         if self.ann is not None:
             paths.append((self.ann.file, "ann.file"))
+        paths += self.catalogue_files()
         image = self.preprocessing.image if self.preprocessing else None
         if image is not None:
             paths += [(image.vocabulary, "preprocessing.image.vocabulary"),
                       (image.word_vectors, "preprocessing.image.word_vectors")]
+        return paths
+
+    def catalogue_files(self) -> list[tuple[str, str]]:
+        """(path, manifest key) of the catalogue version's files: none without one."""
+        c = self.catalogue
+        if c is None:
+            return []
+        paths = [(c.changes, "catalogue.changes")]
+        if c.added_table is not None and c.added_inputs is not None:
+            paths += [(c.added_table, "catalogue.added_table"), (c.added_inputs, "catalogue.added_inputs")]
         return paths
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,13 +389,18 @@ def verify_artifacts(directory: str | Path) -> Manifest:
     """load_manifest, then check that every listed file exists with its size and sha256."""
     directory = Path(directory)
     manifest = load_manifest(directory)
-    for name, expected in manifest.files.items():
-        path = directory / name
+    verify_files(directory, manifest, manifest.files)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest, names: Iterable[str]) -> None:
+    """Check that the listed files `names` exist with their size and sha256."""
+    for name in names:
+        expected, path = manifest.files[name], directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact file missing: {path}")
         if path.stat().st_size != expected.bytes or file_sha256(path) != expected.sha256:
             raise ArtifactError(f"artifact file corrupted (sha256 differs from the manifest): {path}")
-    return manifest
 
 
 def load_array(path: Path, dtype: str, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:

@@ -42,7 +42,7 @@ from mp4sr_rt import ann as ann_lib
 from mp4sr_rt.backends import Backend, open_backend
 from mp4sr_rt.errors import ArtifactError, UserError
 from mp4sr_rt.histories import ItemId
-from mp4sr_rt.manifest import load_array, load_json, verify_artifacts
+from mp4sr_rt.manifest import MANIFEST, Manifest, load_array, load_json, load_manifest, verify_artifacts, verify_files
 from mp4sr_rt.raw import RawEncoders
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
@@ -102,6 +102,7 @@ class Scorer:
         intra-op threads of the CPU backend (0: one per core); `ann`: rank through the artifacts'
         approximate index when they have one (`export --ann`), else the exact scan."""
         self.directory = Path(artifacts)
+        self._manifest_key = _stat_key(self.directory / MANIFEST)
         self.manifest = verify_artifacts(self.directory)  # hashes and schema: ArtifactError naming the file
         self.max_len, self.top_k = self.manifest.max_len, self.manifest.top_k
         self.num_base = self.manifest.num_items
@@ -118,13 +119,9 @@ class Scorer:
         self._added = _Added()
         self._removed: frozenset[int] = frozenset()
         self._write_lock = threading.Lock()
-        self._ann = None
-        if ann and self.manifest.ann is not None:
-            spec = self.manifest.ann
-            self._ann = ann_lib.read(self.directory / spec.file, spec.kind, spec.search, threads)
-            if self._ann.size != self.num_base or self._ann.index.d != self.manifest.dim:
-                raise ArtifactError(f"{self.directory / spec.file}: {self._ann.size} rows of {self._ann.index.d}, "
-                                    f"manifest says {self.num_base} of {self.manifest.dim}")
+        self._threads = threads
+        self._ann = self._read_ann() if ann and self.manifest.ann is not None else None
+        self._apply_catalogue(self.manifest)  # items added and removed since the export, if any
         self.backend: Backend = open_backend(backend, self.directory, self.manifest, threads)
         self._raw = RawEncoders(self.directory, self.manifest, self.backend)
         budget = max(1, SCORE_BUDGET // (self.num_base + 1))
@@ -133,6 +130,14 @@ class Scorer:
         # Histories ranked on the host because the scorer's top K could not tell (a statistic:
         # concurrent calls may miss a count).
         self.rescans = 0
+
+    def _read_ann(self) -> ann_lib.AnnSearch:
+        spec = self.manifest.ann
+        index = ann_lib.read(self.directory / spec.file, spec.kind, spec.search, self._threads)
+        if index.size != self.num_base or index.index.d != self.manifest.dim:
+            raise ArtifactError(f"{self.directory / spec.file}: {index.size} rows of {index.index.d}, "
+                                f"manifest says {self.num_base} of {self.manifest.dim}")
+        return index
 
     def _read_vocabulary(self) -> tuple[list[ItemId], list[float]]:
         path = self.directory / self.manifest.vocabulary
@@ -414,6 +419,72 @@ class Scorer:
                 indices.append(index)
             self._removed = self._removed | frozenset(indices)
 
+    # -- catalogue versions (mp4sr_rt/catalogue.py) ------------------------------------------
+
+    def refresh(self, force: bool = False) -> bool:
+        """Take up the newest catalogue version on disk if it is not the one in use (a stat of
+        manifest.json when nothing changed); `force`: reload it in any case, dropping changes
+        made in memory only. True when a version was loaded."""
+        key = _stat_key(self.directory / MANIFEST)
+        if key == self._manifest_key and not force:
+            return False
+        with self._write_lock:
+            manifest = load_manifest(self.directory)
+            catalogue_files = {path for path, _ in manifest.catalogue_files()}
+            previous = {path for path, _ in self.manifest.catalogue_files()}
+            base = {k: v for k, v in manifest.files.items() if k not in catalogue_files}
+            if base != {k: v for k, v in self.manifest.files.items() if k not in previous}:
+                raise ArtifactError(f"{self.directory}: the exported models changed under a running "
+                                    "scorer; start it again to serve them")
+            verify_files(self.directory, manifest, catalogue_files)
+            self._apply_catalogue(manifest, force)
+            self.manifest, self._manifest_key = manifest, key
+        return True
+
+    def catalogue_state(self) -> tuple[list[ItemId], np.ndarray | None, np.ndarray | None, list[ItemId]]:
+        """(added ids, their serving rows, their sequence-input vectors, removed ids): what
+        mp4sr_rt.catalogue writes as a version."""
+        added = self._added
+        return list(added.ids), added.table, added.inputs, self.removed
+
+    def _apply_catalogue(self, manifest: Manifest, rebuild_index: bool = False) -> None:
+        """Serve the catalogue version `manifest` names: its added items and removed items."""
+        c = manifest.catalogue
+        ids: tuple[ItemId, ...] = ()
+        removed_ids: list[ItemId] = []
+        table = inputs = None
+        if c is not None:
+            path = self.directory / c.changes
+            changes = load_json(path)
+            if not isinstance(changes, dict) or set(changes) != {"added", "removed"} or \
+                    not isinstance(changes["added"], list) or not isinstance(changes["removed"], list) or \
+                    len(changes["added"]) != c.added or len(changes["removed"]) != c.removed:
+                raise ArtifactError(f"{path}: expected {{\"added\": [{c.added} ids], \"removed\": [{c.removed} ids]}}")
+            ids, removed_ids = tuple(changes["added"]), changes["removed"]
+            keys = [str(i) for i in ids]
+            if any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids + tuple(removed_ids)) or \
+                    len(set(keys)) != len(keys) or any(key in self._index for key in keys):
+                raise ArtifactError(f"{path}: added ids must be new, distinct strings or integers")
+            if c.added:
+                shape = (c.added, self.manifest.dim)
+                table = load_array(self.directory / c.added_table, "float32", shape)
+                inputs = load_array(self.directory / c.added_inputs, "float32", shape)
+        index = {str(item): self.num_base + 1 + j for j, item in enumerate(ids)}
+        removed = []
+        for item in removed_ids:
+            i = self._index.get(str(item)) or index.get(str(item))
+            if i is None:
+                raise ArtifactError(f"{self.directory / c.changes}: removed item {item!r} is not in the catalogue")
+            removed.append(i)
+        if self._ann is not None:
+            old = self._added.ids
+            if rebuild_index or ids[:len(old)] != old:
+                self._ann, old = self._read_ann(), ()
+            if len(ids) > len(old):
+                self._ann.add(table[len(old):], self.num_base + len(old))
+        self._added = _Added(ids, index, table, inputs)
+        self._removed = frozenset(removed)
+
     @property
     def removed(self) -> list[ItemId]:
         return [self._original_id(i) for i in sorted(self._removed)]
@@ -492,6 +563,15 @@ def _top_indices(scores: np.ndarray, k: int) -> list[int]:
     candidates = np.argpartition(-scores, k - 1)[:k]
     order = candidates[np.lexsort((candidates, -scores[candidates]))]
     return [int(i) for i in order if math.isfinite(scores[i])]
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    """What tells one manifest.json from the next: a commit replaces the file (a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _chunks(rows: list[int], size: int) -> Iterable[list[int]]:
