@@ -87,7 +87,7 @@ def export(run_dir: Path = Path("mp4sr-out"), out: Path | None = None, config: E
         manifest = write_artifacts(ckpt, run_dir, staging, config, k)
         if triton_dir is not None:
             with staging_dir(triton_dir) as triton_staging:
-                names = triton.write_repository(staging, manifest, triton_staging, config.max_batch)
+                names = triton.write_repository(staging, manifest, triton_staging, config.max_batch, out, triton_dir)
                 publish(triton_staging, triton_dir)
             log(f"triton: {', '.join(names)} in {triton_dir}")
         publish(staging, out)

@@ -1,10 +1,15 @@
 """A Triton Inference Server model repository for the exported models (`mp4sr-rt export --triton DIR`).
 
+    DIR/mp4sr/, DIR/mp4sr_catalogue/       Python backend: the runtime itself (original item ids
+                                           in and out, filters, catalogue changes), what
+                                           `mp4sr-rt serve --repository DIR` loads
     DIR/mp4sr_scorer/config.pbtxt, DIR/mp4sr_scorer/1/model.onnx, likewise mp4sr_item_tower, ...
+                                           onnxruntime backend, for NGC Triton containers
 
-onnxruntime backend, dynamic batching, one GPU instance each, and onnxruntime's TensorRT
-accelerator (built by Triton at load time from the ONNX file, FP16 a commented choice).
-The configs parse with Triton's own ModelConfig protobuf (tests/test_export.py).
+The onnxruntime-backend models: dynamic batching, one GPU instance each, and onnxruntime's
+TensorRT accelerator (built by Triton at load time from the ONNX file, FP16 a commented choice).
+Their configs parse with Triton's own ModelConfig protobuf (tests/test_export.py); the
+nvidia-pytriton wheel's server has no onnxruntime backend, so they are not loaded by a test here.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from mp4sr_rt.manifest import Manifest, Model, TensorSpec
+from mp4sr_rt.serving.repository import ServeOptions, artifacts_path, write_models
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
 QUEUE_DELAY_US = 100  # wait up to 0.1 ms for more requests: batching pays off well before that
@@ -58,9 +64,13 @@ def config_text(role: str, model: Model, max_batch: int) -> str:
     )
 
 
-def write_repository(artifacts: Path, manifest: Manifest, out: Path, max_batch: int) -> list[str]:
-    """One Triton model per manifest model, written under `out` (which must not exist yet)."""
-    names = []
+def write_repository(artifacts: Path, manifest: Manifest, out: Path, max_batch: int,
+                     final_artifacts: Path, final_out: Path) -> list[str]:
+    """The runtime's Python-backend models and one onnxruntime-backend model per manifest model,
+    written under `out` (which must not exist yet) from the artifacts in `artifacts`; the
+    Python-backend models name the artifacts by their path relative to `final_out`, where the
+    repository is published (and `final_artifacts` where the artifacts are)."""
+    names = write_models(out, artifacts_path(final_artifacts, final_out), manifest, ServeOptions())
     for role, model in manifest.models.items():
         name = model_name(role)
         version = out / name / "1"

@@ -61,7 +61,7 @@ def serve(
 ) -> None:
     """Serve recommendations over HTTP and gRPC on Triton Inference Server until SIGTERM or Ctrl-C."""
     from mp4sr_rt.manifest import verify_artifacts
-    from mp4sr_rt.serving.repository import ServeOptions, write_models
+    from mp4sr_rt.serving.repository import ServeOptions, artifacts_path, write_models
     from mp4sr_rt.serving.server import Ports, TritonServer, distribution
 
     if backend not in BACKENDS:
@@ -74,7 +74,7 @@ def serve(
         if repository is None:
             manifest = verify_artifacts(artifacts)
             repository = Path(temporary)
-            models = write_models(repository, artifacts, manifest,
+            models = write_models(repository, artifacts_path(artifacts), manifest,
                                   ServeOptions(max_batch, max_delay_ms, max_queue, backend, instances, threads))
         else:
             models = python_models(repository)

@@ -105,16 +105,22 @@ def catalogue_config(artifacts: str, manifest: Manifest, options: ServeOptions) 
     )
 
 
-def write_models(repository: Path, artifacts: Path, manifest: Manifest, options: ServeOptions,
-                 relative: bool = False) -> list[str]:
-    """Write the two models under `repository`; `relative`: name the artifacts by a path relative
-    to each model's folder (export), else absolute (serve)."""
+def artifacts_path(artifacts: Path, repository: Path | None = None) -> str:
+    """How a model config names the artifacts: absolute, or (given where the repository will
+    live) relative to a model's folder, so that the two directories can move together."""
+    if repository is None:
+        return str(artifacts.resolve())
+    return os.path.relpath(artifacts.resolve(), (repository / RECOMMEND).resolve())
+
+
+def write_models(repository: Path, artifacts: str, manifest: Manifest, options: ServeOptions) -> list[str]:
+    """Write the two models under `repository`; `artifacts` as artifacts_path gives it."""
     names = []
     for name, cls, what in ((RECOMMEND, "RecommendModel", "recommender"),
                             (CATALOGUE, "CatalogueModel", "catalogue changes")):
         folder = repository / name
         (folder / "1").mkdir(parents=True)
-        path = os.path.relpath(artifacts.resolve(), folder.resolve()) if relative else str(artifacts.resolve())
+        path = artifacts
         if '"' in path or "\\" in path:
             raise ValueError(f"artifact path {path!r}: a quote or backslash cannot go into config.pbtxt")
         config = recommend_config(path, options) if name == RECOMMEND else catalogue_config(path, manifest, options)

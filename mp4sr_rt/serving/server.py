@@ -16,6 +16,7 @@ its Python home, hence this environment's site-packages, through the `python3` o
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -79,6 +80,12 @@ def environment(dist: Path) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies, so that a
+    killed `mp4sr-rt serve` never leaves a server (and its ports) behind."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class TritonServer:
     """One tritonserver process on `repository`, loading `models` (all its models if None)."""
 
@@ -106,7 +113,8 @@ class TritonServer:
         self._log_file = open(self.log, "ab")
         out = None if self.verbose else self._log_file
         self.process = subprocess.Popen(self.command(dist, backends), env=environment(dist), stdout=out,
-                                        stderr=subprocess.STDOUT if out else None, start_new_session=True)
+                                        stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
