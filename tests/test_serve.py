@@ -533,3 +533,22 @@ def test_serve_without_triton_or_with_bad_arguments_fails_clearly(tmp_path, tiny
         r = subprocess.run([python, "-m", "mp4sr_cli", "serve", *map(str, args)], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_the_readme_curl_and_tritonclient_examples_run_as_written(server):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Serving on Triton Inference Server", 1)[1].split("\n## ", 1)[0]
+    curl = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if b.startswith("curl"))
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    curl = curl.replace("localhost:8000", f"127.0.0.1:{server.http}")
+    r = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert [o["name"] for o in body["outputs"]] == ["items", "scores", "unknown_items", "fallback"]
+    assert body["outputs"][0]["shape"] == [1, 5]
+    python = python.replace("localhost:8001", f"127.0.0.1:{server.grpc}")
+    r = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "item0000" in r.stdout
