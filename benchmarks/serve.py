@@ -154,9 +154,10 @@ def main() -> None:
                             after = triton_counters(metrics)
                             d = {k: after[k] - before[k] for k in after}
                             n = max(d["nv_inference_request_success"], 1)
-                            row.update({"server_request_ms": round(d["nv_inference_request_duration_us"] / n / 1000, 3),
-                                        "server_queue_ms": round(d["nv_inference_queue_duration_us"] / n / 1000, 3),
-                                        "server_compute_ms": round(d["nv_inference_compute_infer_duration_us"] / n / 1000, 3),
+                            per_request = {k: round(d[k] / n / 1000, 3) for k in d}
+                            row.update({"server_request_ms": per_request["nv_inference_request_duration_us"],
+                                        "server_queue_ms": per_request["nv_inference_queue_duration_us"],
+                                        "server_compute_ms": per_request["nv_inference_compute_infer_duration_us"],
                                         "batch_mean": round(n / max(d["nv_inference_exec_count"], 1), 2)})
                         rows.append(row)
                         print(json.dumps(row), flush=True)

@@ -275,8 +275,6 @@ def grpc_recommend(client, query: dict) -> dict:
 
 
 def test_32_clients_x_500_requests_over_http_and_grpc_each_get_their_own_answer(server, artifacts):
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
 
     ids = item_ids(artifacts)
     threads, per_thread = 32, 500
@@ -286,28 +284,10 @@ def test_32_clients_x_500_requests_over_http_and_grpc_each_get_their_own_answer(
     for protocol in ("http", "grpc"):
         results: dict[int, dict] = {}
         errors: list[str] = []
-
-        def work(t: int) -> None:
-            if protocol == "http":
-                client, mod = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}"), httpclient
-            else:
-                client, mod = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}"), grpcclient
-            for i in range(t, len(queries), threads):
-                q = queries[i]
-                try:
-                    h = mod.InferInput("history", [1, len(q["history"])], "BYTES")
-                    h.set_data_from_numpy(np.array([q["history"]], dtype=object))
-                    k = mod.InferInput("k", [1, 1], "INT32")
-                    k.set_data_from_numpy(np.array([[q["k"]]], np.int32))
-                    r = client.infer(MODEL, [h, k], request_id=str(i))
-                    results[i] = {"items": [b.decode() for b in r.as_numpy("items")[0]],
-                                  "scores": r.as_numpy("scores")[0].tolist(), "unknown_items": [],
-                                  "fallback": r.as_numpy("fallback")[0][0].decode() or None}
-                except Exception as e:  # counted below, never lost
-                    errors.append(f"{i}: {e}")
-
+        port = server.http if protocol == "http" else server.grpc
         start = time.perf_counter()
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        pool = [threading.Thread(target=client_thread, args=(protocol, port, queries, threads, t, results, errors))
+                for t in range(threads)]
         for p in pool:
             p.start()
         for p in pool:
@@ -318,6 +298,29 @@ def test_32_clients_x_500_requests_over_http_and_grpc_each_get_their_own_answer(
               f"{len(mismatched)} mismatched, {len(queries) / seconds:.0f} requests/s")
         assert not errors, errors[:5]
         assert len(results) == len(queries) and not mismatched, mismatched[:5]
+
+
+def client_thread(protocol: str, port: int, queries: list[dict], threads: int, t: int,
+                  results: dict[int, dict], errors: list[str]) -> None:
+    """Client `t` of `threads`: its share of the queries, each answer kept by its request's index."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    mod = httpclient if protocol == "http" else grpcclient
+    client = mod.InferenceServerClient(f"127.0.0.1:{port}")
+    for i in range(t, len(queries), threads):
+        q = queries[i]
+        try:
+            h = mod.InferInput("history", [1, len(q["history"])], "BYTES")
+            h.set_data_from_numpy(np.array([q["history"]], dtype=object))
+            k = mod.InferInput("k", [1, 1], "INT32")
+            k.set_data_from_numpy(np.array([[q["k"]]], np.int32))
+            r = client.infer(MODEL, [h, k], request_id=str(i))
+            results[i] = {"items": [b.decode() for b in r.as_numpy("items")[0]],
+                          "scores": r.as_numpy("scores")[0].tolist(), "unknown_items": [],
+                          "fallback": r.as_numpy("fallback")[0][0].decode() or None}
+        except Exception as e:  # counted by the test, never lost
+            errors.append(f"{i}: {e}")
 
 
 def test_filters_return_the_exact_top_k_of_the_allowed_items(server, artifacts):
@@ -477,19 +480,7 @@ def test_a_server_killed_during_catalogue_updates_leaves_the_old_or_the_new_vers
         served = Served(directory, log=tmp_path / f"serve-{round_}.log")
         before = verify_artifacts(directory).catalogue
         stop = threading.Event()
-
-        def updates() -> None:
-            j = 0
-            while not stop.is_set():
-                feats = rng.normal(size=(1, 2, dim)).astype(np.float32)
-                try:
-                    catalogue_request(served, "add", [f"kill-{round_}-{j}"],
-                                      text_feats=("FP32", [1, 2, dim], feats.ravel().tolist()))
-                except OSError:
-                    return
-                j += 1
-
-        worker = threading.Thread(target=updates)
+        worker = threading.Thread(target=keep_adding, args=(served, f"kill-{round_}", dim, rng, stop))
         worker.start()
         time.sleep(1.0 + round_ * 0.37)
         served.kill()
@@ -502,6 +493,19 @@ def test_a_server_killed_during_catalogue_updates_leaves_the_old_or_the_new_vers
         assert scorer.num_items == manifest.num_items + after.added
         seen_versions.append(after.version)
     assert seen_versions == sorted(seen_versions) and seen_versions[-1] > 3
+
+
+def keep_adding(served: Served, prefix: str, dim: int, rng, stop: threading.Event) -> None:
+    """Add one item after another through the server until `stop` or the server is gone."""
+    j = 0
+    while not stop.is_set():
+        feats = rng.normal(size=(1, 2, dim)).astype(np.float32)
+        try:
+            catalogue_request(served, "add", [f"{prefix}-{j}"],
+                              text_feats=("FP32", [1, 2, dim], feats.ravel().tolist()))
+        except OSError:
+            return
+        j += 1
 
 
 def test_an_exported_repository_serves_as_it_is(tiny_run, tmp_path):
