@@ -345,7 +345,7 @@ def catalogue_request(server: Served, action: str, ids: list[str], **inputs) -> 
 
 
 def test_catalogue_changes_through_the_server_and_the_cli_are_served_at_once_and_survive_a_restart(
-        server, artifacts, tmp_path):
+        server, artifacts, tiny_data_dir, tmp_path):
     ids = item_ids(artifacts)
     manifest = verify_artifacts(artifacts)
     dim = manifest.features.dim
@@ -377,9 +377,27 @@ def test_catalogue_changes_through_the_server_and_the_cli_are_served_at_once_and
     assert answers[2]["items"] == [other]
     want = expected(artifacts, queries)  # a fresh Scorer: what is on disk
     assert all(same(a, w) for a, w in zip(answers, want, strict=True))
-    restarted = Served(artifacts, log=tmp_path / "restart.log")
+    restarted = Served(artifacts, "--instances", 2, log=tmp_path / "restart.log")
     try:
         assert all(same(recommend(restarted, q), w) for q, w in zip(queries, want, strict=True))
+        # An image and a text through gRPC (binary BYTES), then a removal from the command line:
+        # both instances serve them from the next request on.
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{restarted.grpc}")
+        image = next(tiny_data_dir.rglob("*.png")).read_bytes()
+        tensors = []
+        change = {"action": [b"add"], "ids": [b"new-img"], "texts": [b"Blue mug"], "images": [image]}
+        for name, values in change.items():
+            array = np.array(values, dtype=object)
+            tensors.append(grpcclient.InferInput(name, list(array.shape), "BYTES"))
+            tensors[-1].set_data_from_numpy(array)
+        client.infer("mp4sr_catalogue", tensors)
+        subprocess.run([str(serve_python()), "-m", "mp4sr_cli", "catalogue", "remove", str(artifacts), other],
+                       check=True, capture_output=True, timeout=120, cwd=ROOT)
+        for _ in range(8):  # requests spread over both instances
+            got = recommend(restarted, {"history": ["new-img"], "k": 64, "allow": ["new-img", "new-a", other]})
+            assert got["items"] == ["new-a"] and got["unknown_items"] == []
     finally:
         assert restarted.stop() == 0
     bad = catalogue_request(server, "add", ["new-a"], texts=("BYTES", [1], ["again"]))
