@@ -93,6 +93,31 @@ class IdConfig:
         _check(self, init_std=(0, 10, False), scale=(1e-6, 1e6, False), dropout=(0, 0.99, False))
 
 
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    """How a training step scores the catalogue. `full`: every item, every step (the paper's
+    fine-tuning softmax, exact). `sampled`: the step encodes only the items it touches (its
+    histories, targets and negatives) and fine-tuning's softmax runs over the batch's targets
+    (in-batch negatives) plus `negatives` shared items drawn per step, each logit corrected by
+    the log of its expected count in that sample (log-Q). `auto`: sampled above `auto_above` items."""
+
+    kind: str = "auto"
+    auto_above: int = 100_000
+    negatives: int = 8192  # shared negatives per step
+    distribution: str = "uniform"  # uniform | popularity (proportional to training-target counts)
+    log_q: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self, auto_above=(1, None, True), negatives=(1, None, True))
+        if self.kind not in ("auto", "full", "sampled"):
+            raise UserError(f"kind: expected auto, full or sampled, got {self.kind!r}")
+        if self.distribution not in ("uniform", "popularity"):
+            raise UserError(f"distribution: expected uniform or popularity, got {self.distribution!r}")
+
+    def sampled(self, num_items: int) -> bool:
+        return self.kind == "sampled" or (self.kind == "auto" and num_items > self.auto_above)
+
+
 PAPER_IDS = IdConfig(scale=1.0, dropout=0.0, from_features=False)  # SPEC section 4, `--preset paper`
 
 
@@ -118,6 +143,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     seed: int = 0
     ids: IdConfig = field(default_factory=IdConfig)
+    softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
 
     def __post_init__(self) -> None:
         _check(self, tau=(1e-6, 100, False), cmcl_weight=(0, None, False), drop_max=(0, 0.99, False),
@@ -207,6 +233,7 @@ _NESTED = {
     (TrainConfig, "pretrain"): StageConfig,
     (TrainConfig, "finetune"): StageConfig,
     (TrainConfig, "ids"): IdConfig,
+    (TrainConfig, "softmax"): SoftmaxConfig,
 }
 
 # Config parts that only fine-tuning reads: runs that differ in these alone share pre-training.

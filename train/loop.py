@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from mp4sr_train import config as config_lib
 from mp4sr_train.checkpoint import load_state, state_tensors
 from mp4sr_train.config import Config, StageConfig
 from mp4sr_train.data.types import Split, SplitData
 from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
-from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
-from mp4sr_train.tasks import finetune_loss, full_scores, pretrain_loss
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
+from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -55,23 +56,64 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+EVAL_CHUNK = 65_536  # items per block of a large catalogue's scores: memory B x EVAL_CHUNK, whatever N
+
+
 @torch.inference_mode()
 def evaluate(
     model: M2SE, feats: ItemFeatures, split: Split, batch_size: int,
-    id_emb: ItemIdEmbedding | None = None,
+    id_emb: ItemIdEmbedding | None = None, chunk: int = EVAL_CHUNK,
 ) -> dict[str, float]:
-    """Full ranking of every item for each history of `split` (SPEC section 5)."""
+    """Full ranking of every item for each history of `split` (SPEC section 5). A catalogue
+    larger than `chunk` items is encoded and ranked block by block (exact ranks, counted across
+    the blocks), so that beyond the item table the memory does not grow with its size."""
     model.eval()
     dev = feats.text.device
-    z = model.encode_items(feats)  # once per evaluation, gathered by id afterwards
+    n = feats.text.shape[0]
+    z = model.encode_items(feats) if n <= chunk else encode_items_chunked(model, feats, chunk)
+    cands = None
+    if n > chunk:
+        inputs = with_ids(z, None if id_emb is None else id_emb(z))
+        cands = candidates(inputs)
     acc = RankAccumulator()
     for start in range(0, len(split), batch_size):
         hist = split.histories[start : start + batch_size]
         width = max(int((hist != 0).sum(1).max()), 1)  # trailing padding changes nothing
         ids = torch.as_tensor(hist[:, :width], device=dev)
         targets = torch.as_tensor(split.targets[start : start + batch_size], device=dev)
-        acc.add(full_scores(model, feats, ids, id_emb, z), targets)
+        if cands is None:
+            acc.add(full_scores(model, feats, ids, id_emb, z), targets)
+        else:
+            acc.ranks.append(chunked_ranks(model.encode_history(ids, inputs), cands, targets, chunk).cpu().numpy())
     return acc.result()
+
+
+def encode_items_chunked(model: M2SE, feats: ItemFeatures, chunk: int) -> torch.Tensor:
+    """model.encode_items, `chunk` items at a time: (M, N + 1, d), row 0 (padding) zero."""
+    n, dev = feats.text.shape[0], feats.text.device
+    parts = []
+    for start in range(0, n, chunk):
+        index = torch.arange(start, min(start + chunk, n), device=dev)
+        if start:  # encode_items zeroes its first row (padding): put the padding item first
+            index = torch.cat([torch.zeros(1, dtype=index.dtype, device=dev), index])
+        parts.append(model.encode_items(feats.take(index))[:, 1 if start else 0:])
+    return torch.cat(parts, dim=1)
+
+
+def chunked_ranks(h: torch.Tensor, cands: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """target_ranks of score(h, cands) (ties against the target, padding never ranked),
+    counted `chunk` candidates at a time: (B,)."""
+    u = F.normalize(h, dim=-1)  # (M, B, d)
+    t = torch.einsum("mbd,mbd->b", u, cands[:, targets])
+    ranks = torch.zeros(len(targets), dtype=torch.long, device=h.device)
+    for start in range(0, cands.shape[1], chunk):
+        s = torch.einsum("mbd,mnd->bn", u, cands[:, start : start + chunk])
+        if start == 0:
+            s[:, 0] = float("-inf")
+        columns = torch.arange(start, start + s.shape[1], device=h.device)
+        ahead = (s >= t[:, None]) & (columns != targets[:, None])  # the target's own column never counts
+        ranks += ahead.sum(1)
+    return ranks
 
 
 def evaluate_popularity(data: SplitData, split: Split) -> dict[str, float]:
@@ -116,6 +158,13 @@ class StageRunner:
             self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
         )
         self.generator = torch.Generator(device=feats.text.device).manual_seed(cfg.train.seed)
+        # A large catalogue (train.softmax): steps encode only their items, fine-tuning's softmax
+        # runs over in-batch and shared sampled negatives with the log-Q correction.
+        sm = cfg.train.softmax
+        self.sample = None
+        if sm.sampled(data.num_items):
+            counts = np.bincount(data.train.targets, minlength=data.num_items + 1)
+            self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.text.device)
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best": -1.0, "history": [], "done": False}
 
     # -- persistence -------------------------------------------------------------------------
@@ -152,8 +201,9 @@ class StageRunner:
     # -- training ----------------------------------------------------------------------------
     def _loss(self, ids: torch.Tensor, targets: torch.Tensor):
         if self.name == "pretrain":
-            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator)
-        return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train, self.generator)
+            return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator, self.sample)
+        return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train, self.generator,
+                             self.sample)
 
     def _epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()

@@ -30,6 +30,10 @@ class ItemFeatures:
     image: Tensor  # (N + 1, V, F)
     image_mask: Tensor  # (N + 1, V) bool
 
+    def take(self, index: Tensor) -> ItemFeatures:
+        """The rows `index` (n,), in that order: the features of the items a step touches."""
+        return ItemFeatures(*(t[index] for t in (self.text, self.text_mask, self.image, self.image_mask)))
+
     def to(self, device: torch.device | str) -> ItemFeatures:
         return ItemFeatures(*(t.to(device) for t in (self.text, self.text_mask, self.image, self.image_mask)))
 
@@ -243,6 +247,15 @@ class ItemIdEmbedding(nn.Module):
         if self.project is not None:
             rows = torch.where(have[:, None], rows, self.from_features(z))
         return rows.index_fill(0, torch.zeros(1, dtype=torch.long, device=rows.device), 0.0)
+
+    def rows(self, index: Tensor, z: Tensor, drop: Tensor | None = None) -> Tensor:
+        """forward() restricted to the items `index` (n,), z their item vectors (M, n, d): their
+        ID rows (n, d), padding (index 0) zero; `drop` (N + 1,) as in forward()."""
+        have = self.known[index] if drop is None else self.known[index] & ~drop[index]
+        rows = self.weight[index] * (self.scale * have[:, None])
+        if self.project is not None:
+            rows = torch.where(have[:, None], rows, self.from_features(z))
+        return rows.masked_fill((index == 0)[:, None], 0.0)
 
     def from_features(self, z: Tensor) -> Tensor:
         """ID-like rows predicted from item vectors z (M, n, d) -> (n, d); `from_features` only."""

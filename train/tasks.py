@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mp4sr_train.config import TrainConfig
@@ -50,11 +51,50 @@ def cmcl_loss(h_text: Tensor, h_image: Tensor, targets: Tensor, tau: float, quir
     return F.cross_entropy(logits, positives)
 
 
+def touched_items(*tensors: Tensor, extra: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """The sorted distinct items (padding 0 first) of `tensors` and `extra`, and each tensor
+    rewritten as positions among them (padding stays 0): what a large-catalogue step encodes."""
+    parts = [t.flatten() for t in tensors] + ([extra] if extra is not None else [])
+    zero = torch.zeros(1, dtype=parts[0].dtype, device=parts[0].device)
+    touched = torch.unique(torch.cat([zero, *parts]))
+    return touched, [torch.searchsorted(touched, t) for t in tensors]
+
+
+class NegativeSample:
+    """Shared negatives for fine-tuning's sampled softmax, and the log-Q correction: the log of
+    each item's expected count among a step's candidates, B * p_target(j) + S * q(j), where the B
+    targets of the batch act as in-batch negatives for the other histories and the S shared
+    negatives are drawn from q (uniform over the catalogue, or proportional to training-target
+    counts). Mixed negatives as in Yang et al. 2020; log-Q as in Yi et al. 2019."""
+
+    def __init__(self, target_counts: np.ndarray, negatives: int, distribution: str, log_q: bool,
+                 device: torch.device | str = "cpu"):
+        counts = torch.as_tensor(np.asarray(target_counts, np.float64), device=device)  # (N + 1,)
+        counts[0] = 0.0
+        q = counts.clone() if distribution == "popularity" else torch.ones_like(counts)
+        q[0] = 0.0
+        self.q = q / q.sum()
+        self.p_target = counts / counts.sum().clamp(min=1.0)
+        self.negatives, self.log_q = negatives, log_q
+
+    def draw(self, generator: torch.Generator | None = None) -> Tensor:
+        return torch.multinomial(self.q.float(), self.negatives, replacement=True, generator=generator)
+
+    def correction(self, items: Tensor, batch: int) -> Tensor:
+        """log(expected count) of the candidate items (C,); zeros without log-Q."""
+        if not self.log_q:
+            return torch.zeros(len(items), device=items.device)
+        expected = batch * self.p_target[items] + self.negatives * self.q[items]
+        return torch.log(expected.clamp(min=1e-30)).float()
+
+
 def pretrain_loss(
     model: M2SE, feats: ItemFeatures, ids: Tensor, targets: Tensor, cfg: TrainConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, sample: NegativeSample | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Item drop, complementary sequence mixup, NIP per modality and CMCL (SPEC section 3).
+    With `sample` (a large catalogue) only the step's items are encoded; the losses, all
+    in-batch, are the same.
 
     A single-modality model (an ablation, or a catalogue with one modality: config's
     `present_modalities`) has no other modality to mix in or contrast with: NIP only."""
@@ -63,7 +103,11 @@ def pretrain_loss(
     if cfg.drop_max > 0:
         ids = random_drop(ids, draw() * cfg.drop_max, generator)
     names = model.cfg.modalities
-    z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (M, N + 1, d)
+    if sample is not None:  # encode only the step's items; ids and targets become positions among them
+        touched, (ids, targets) = touched_items(ids, targets)
+        z = model.encode_items(feats.take(touched), detach_pool=cfg.reference_quirks)
+    else:
+        z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (M, N + 1, d)
     both = len(z) == 2
     seq = z[:, ids]  # (M, B, L, d)
     if cfg.use_mixup and both:
@@ -102,17 +146,48 @@ def full_scores(
 
 def finetune_loss(
     model: M2SE, id_emb: ItemIdEmbedding, feats: ItemFeatures, ids: Tensor, targets: Tensor,
-    cfg: TrainConfig, generator: torch.Generator | None = None,
+    cfg: TrainConfig, generator: torch.Generator | None = None, sample: NegativeSample | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of score / tau over the full catalogue (padding column excluded).
 
     With `cfg.ids.dropout` > 0, a fresh random share of the items loses its ID row for this step,
     in the histories and among the candidates alike (DropoutNet, Volkovs et al. 2017): the model
-    must rank items by their features too, as it must for items added after training."""
+    must rank items by their features too, as it must for items added after training.
+    With `sample` (a large catalogue): sampled_finetune_loss."""
+    if sample is not None:
+        return sampled_finetune_loss(model, id_emb, feats, ids, targets, cfg, sample, generator)
     z = model.encode_items(feats, detach_pool=cfg.reference_quirks)
     drop = None
     if cfg.ids.dropout > 0:
         drop = torch.rand(z.shape[1], device=z.device, generator=generator) < cfg.ids.dropout
     logits = full_scores(model, feats, ids, id_emb, z, drop) / cfg.tau
     loss = F.cross_entropy(logits, targets)
+    return loss, {"ce": float(loss.detach())}
+
+
+def sampled_finetune_loss(
+    model: M2SE, id_emb: ItemIdEmbedding, feats: ItemFeatures, ids: Tensor, targets: Tensor,
+    cfg: TrainConfig, sample: NegativeSample, generator: torch.Generator | None = None,
+    negatives: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """finetune_loss over a sample of the catalogue: candidates are the distinct items among the
+    batch's targets and the shared negatives (`negatives`, else drawn from `sample`), so a
+    history's positive is one column and other histories with the same target are never its
+    negatives; logits are corrected by `sample.correction` (log-Q). Only the items of the step
+    (histories, targets, negatives) are encoded. With the whole catalogue as `negatives` and no
+    log-Q it is finetune_loss, term for term."""
+    negatives = sample.draw(generator) if negatives is None else negatives
+    n = id_emb.weight.shape[0]
+    drop = None
+    if cfg.ids.dropout > 0:  # drawn over the whole catalogue, as finetune_loss draws it
+        drop = torch.rand(n, device=ids.device, generator=generator) < cfg.ids.dropout
+    touched, (local_ids,) = touched_items(ids, extra=torch.cat([targets, negatives]))
+    z = model.encode_items(feats.take(touched), detach_pool=cfg.reference_quirks)  # (M, U, d)
+    inputs = with_ids(z, id_emb.rows(touched, z, drop))
+    h = model.encode_history(local_ids, inputs)
+    columns = torch.unique(torch.cat([targets, negatives]))  # candidate items, sorted
+    cands = candidates(inputs)[:, torch.searchsorted(touched, columns)]  # (M, C, d)
+    logits = torch.einsum("mbd,mcd->bc", F.normalize(h, dim=-1), cands) / cfg.tau
+    logits = logits - sample.correction(columns, len(targets))
+    loss = F.cross_entropy(logits, torch.searchsorted(columns, targets))
     return loss, {"ce": float(loss.detach())}
