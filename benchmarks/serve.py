@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
 import statistics
@@ -95,6 +96,25 @@ def triton_counters(port: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and every process below it (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [c for c, (parent, _) in stats.items() if parent == p]
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=Path("mp4sr-out/artifacts"))
@@ -103,6 +123,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--max-queue", type=int, default=0, help="the server's queue bound (0: none)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per server instance")
     parser.add_argument("--out", type=Path, default=None, help="OUT.jsonl and OUT.png")
     args = parser.parse_args()
 
@@ -115,7 +137,8 @@ def main() -> None:
     http, grpc, metrics = free_ports(3)
     rows = []
     with tempfile.TemporaryDirectory() as repo:
-        options = ServeOptions(max_delay_ms=args.max_delay_ms, instances=args.instances)
+        options = ServeOptions(max_delay_ms=args.max_delay_ms, instances=args.instances, max_queue=args.max_queue,
+                               threads=args.threads)
         models = write_models(Path(repo), artifacts_path(args.artifacts), manifest, options)
         with TritonServer(Path(repo), Ports(http, grpc, metrics), models) as server:
             server.wait_ready()
@@ -144,12 +167,19 @@ def main() -> None:
                     for name, call in systems.items():
                         run_clients(clients, min(64, args.requests), call)  # warm-up
                         before = triton_counters(metrics) if name in ("http", "grpc") else None
+                        server_cpu, own_cpu = cpu_seconds(server.process.pid), time.process_time()
                         seconds, latencies = run_clients(clients, args.requests, call)
+                        own_cpu = time.process_time() - own_cpu
+                        server_cpu = cpu_seconds(server.process.pid) - server_cpu
                         latencies.sort()
                         row = {"system": name, "clients": clients, "requests": args.requests,
                                "throughput_per_s": round(args.requests / seconds, 1),
                                "p50_ms": round(1000 * statistics.median(latencies), 3),
-                               "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 3)}
+                               "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 3),
+                               # CPU per request: this process (the clients, or the in-process
+                               # scorer) and the server's processes; both share the machine.
+                               "client_cpu_ms": round(1000 * own_cpu / args.requests, 3),
+                               "server_cpu_ms": round(1000 * server_cpu / args.requests, 3)}
                         if before is not None:
                             after = triton_counters(metrics)
                             d = {k: after[k] - before[k] for k in after}
@@ -163,15 +193,16 @@ def main() -> None:
                         print(json.dumps(row), flush=True)
     by = {(r["system"], r["clients"]): r for r in rows}
     print(f"\n{manifest.num_items} items, k {args.k}, {args.requests} requests per cell, histories of 5-50 items; "
-          f"server: {args.instances} instance(s), max delay {args.max_delay_ms} ms")
+          f"server: {args.instances} instance(s), max delay {args.max_delay_ms} ms, "
+          f"queue bound {args.max_queue or 'none'}")
     print(f"{'system':<13}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs scorer':>11}"
-          f"{'srv req ms':>12}{'srv queue':>11}{'srv compute':>13}{'batch':>7}")
+          f"{'srv req ms':>12}{'srv queue':>11}{'srv compute':>13}{'batch':>7}{'cpu ms: here':>14}{'server':>8}")
     for r in rows:
         ratio = r["throughput_per_s"] / by[("scorer", r["clients"])]["throughput_per_s"]
         print(f"{r['system']:<13}{r['clients']:>8}{r['throughput_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
               f"{ratio:>10.2f}x{r.get('server_request_ms', float('nan')):>12.3f}"
               f"{r.get('server_queue_ms', float('nan')):>11.3f}{r.get('server_compute_ms', float('nan')):>13.3f}"
-              f"{r.get('batch_mean', float('nan')):>7.1f}")
+              f"{r.get('batch_mean', float('nan')):>7.1f}{r['client_cpu_ms']:>14.3f}{r['server_cpu_ms']:>8.3f}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -49,7 +49,8 @@ def serve(
     max_delay_ms: Annotated[float, typer.Option(
         "--max-delay-ms", min=0, help="How long a request may wait for others to batch with.")] = 2.0,
     max_queue: Annotated[int, typer.Option(
-        "--max-queue", min=1, help="Waiting requests beyond this are refused at once (overload).")] = 1024,
+        "--max-queue", min=0, help="Waiting requests beyond this are refused at once (overload); 0: no "
+                                   "bound. A bound costs latency in Triton 2.51 (README).")] = 0,
     backend: Annotated[str, typer.Option("--backend", help="auto | cpu | cuda.")] = "auto",
     instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances (processes).")] = 1,
     threads: Annotated[int, typer.Option(

@@ -28,13 +28,16 @@ from mp4sr_rt.serving.triton_models import {cls} as TritonPythonModel  # noqa: F
 class ServeOptions:
     max_batch: int = 256  # rows per batch of Triton's dynamic batcher
     max_delay_ms: float = 2.0  # how long a request may wait for others to batch with
-    max_queue: int = 1024  # requests waiting beyond this are refused at once (UNAVAILABLE)
+    # Requests waiting beyond this are refused at once (UNAVAILABLE); 0: no bound. Off by default:
+    # with a queue policy, Triton 2.51's dynamic batcher holds some requests for ~500 ms even at one
+    # client (measured: p99 505 ms against 13 ms without; docs/bench/serve-cpu.md).
+    max_queue: int = 0
     backend: str = "auto"  # the Scorer's: auto | cpu | cuda
     instances: int = 1  # model instances (processes) ranking in parallel
     threads: int = 0  # onnxruntime intra-op threads per instance (0: one per core)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_delay_ms < 0 or self.max_queue < 1 or self.instances < 1 or self.threads < 0:
+        if self.max_batch < 1 or self.max_delay_ms < 0 or self.max_queue < 0 or self.instances < 1 or self.threads < 0:
             raise ValueError(f"invalid serving options: {self}")
 
 
@@ -67,12 +70,12 @@ def recommend_config(artifacts: str, options: ServeOptions) -> str:
         '  { name: "unknown_items" data_type: TYPE_STRING dims: [ -1 ] },\n'
         '  { name: "fallback" data_type: TYPE_STRING dims: [ 1 ] }\n'
         "]\n"
-        "# Requests of any history length batch together (each is ranked on its own, exactly);\n"
-        "# past max_queue_size waiting requests Triton refuses new ones at once.\n"
+        "# Requests of any history length batch together (each is ranked on its own, exactly).\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {round(options.max_delay_ms * 1000)}\n"
-        f"  default_queue_policy {{ max_queue_size: {options.max_queue} }}\n"
-        "}\n"
+        + (f"  default_queue_policy {{ max_queue_size: {options.max_queue} }}  # beyond: refused at once\n"
+           if options.max_queue else "")
+        + "}\n"
         f"instance_group [ {{ kind: {_kind(options)} count: {options.instances} }} ]\n"
         + _parameters(artifacts, options)
     )
