@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from mp4sr_rt.commands import user_errors
+from mp4sr_rt.errors import UserError
 
 
 @user_errors
@@ -28,13 +29,42 @@ def train(
     overwrite: bool = typer.Option(False, help="Discard an existing run in --out and start again."),
     seed: int | None = typer.Option(None, help="Random seed (default: the preset's)."),
     quiet: bool = typer.Option(False, help="No progress bars or per-epoch lines."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Config override KEY=VALUE, VALUE as JSON (repeatable), e.g. "
+                            "--set train.softmax.kind='\"sampled\"' --set train.finetune.lr=3e-4."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this machine (torchrun, DistributedDataParallel; "
+                                             "gloo on CPU, NCCL on GPU). For several machines run torchrun "
+                                             "yourself: README 'Training across processes and machines'."),
 ) -> None:
     """Train on --data (default: the demo dataset) into --out; prints a summary, writes metrics.json."""
+    import json
+    import os
+    import sys
+
     from mp4sr_train import config as config_lib
     from mp4sr_train.run import train as run_train
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from mp4sr_train.distributed import launch
+
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip or arg.startswith("--nproc"):
+                skip = arg == "--nproc" and not skip
+                continue
+            argv.append(arg)
+        raise typer.Exit(launch(nproc, argv))
     cfg = config_lib.preset(preset)
     overrides = {}
+    for item in set_ or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value  # a bare word: a string
+
     if epochs is not None:
         overrides.update({"train.pretrain.epochs": epochs, "train.finetune.epochs": epochs})
     if seed is not None:

@@ -25,6 +25,7 @@ from mp4sr_train import config as config_lib
 from mp4sr_train.checkpoint import load_state, state_tensors
 from mp4sr_train.config import Config, StageConfig
 from mp4sr_train.data.types import Split, SplitData
+from mp4sr_train.distributed import World
 from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss
@@ -140,14 +141,30 @@ def _batches(split: Split, batch_size: int, rng: np.random.Generator, bucket: in
         yield split.histories[idx, :width], split.targets[idx]
 
 
+class StepLoss(torch.nn.Module):
+    """A stage's training loss as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, runner: StageRunner):
+        super().__init__()
+        self.model, self.id_emb = runner.model, runner.id_emb
+        self._loss = runner._loss
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor):
+        return self._loss(ids, targets)
+
+
 class StageRunner:
-    """Runs one stage (pretrain or finetune) with early stopping and per-epoch checkpoints."""
+    """Runs one stage (pretrain or finetune) with early stopping and per-epoch checkpoints; under
+    torchrun (`world`, train/distributed.py) each rank trains on its share of every batch through
+    DistributedDataParallel and rank 0 alone writes."""
 
     def __init__(
         self, name: str, stage_cfg: StageConfig, cfg: Config, model: M2SE,
         id_emb: ItemIdEmbedding | None, feats: ItemFeatures, data: SplitData, directory: Path,
-        progress: bool = True,
+        progress: bool = True, world: World | None = None,
     ):
+        self.world = world or World()
+        progress = progress and self.world.main
         self.name, self.stage_cfg, self.cfg = name, stage_cfg, cfg
         self.model, self.id_emb, self.feats, self.data = model, id_emb, feats, data
         self.dir = directory
@@ -165,10 +182,21 @@ class StageRunner:
         if sm.sampled(data.num_items):
             counts = np.bincount(data.train.targets, minlength=data.num_items + 1)
             self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.text.device)
+        self.step: torch.nn.Module = StepLoss(self)
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = feats.text.device
+            # Some parameters get no gradient in some steps (the ID projection when no item lost
+            # its row, a modality's tower in a one-modality model): find_unused_parameters.
+            self.step = DistributedDataParallel(self.step, device_ids=[dev] if dev.type == "cuda" else None,
+                                                find_unused_parameters=True)
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best": -1.0, "history": [], "done": False}
 
     # -- persistence -------------------------------------------------------------------------
     def _save(self, file: str, with_optimizer: bool) -> None:
+        if not self.world.main:
+            return
         tensors = state_tensors(self.model, self.id_emb)
         if with_optimizer:
             for i, p in enumerate(self.params):
@@ -219,9 +247,13 @@ class StageRunner:
             unit="batch", disable=not self.progress, leave=False, file=sys.stderr,
         )
         for hist, targets in bar:
+            if self.world.size > 1:
+                if len(targets) < self.world.size:  # every rank skips it alike: no rank left without rows
+                    continue
+                hist, targets = self.world.shard(hist), self.world.shard(targets)
             ids = torch.as_tensor(hist, device=dev)
             tgt = torch.as_tensor(targets, device=dev)
-            loss, _ = self._loss(ids, tgt)
+            loss, _ = self.step(ids, tgt)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{self.name}: non-finite loss at epoch {epoch}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -252,14 +284,16 @@ class StageRunner:
                 self._save("best.safetensors", with_optimizer=False)
             self.state["epoch"] = epoch
             self.state["done"] = epoch >= sc.epochs or epoch - self.state["best_epoch"] >= sc.patience
-            if self.progress:
+            if self.progress:  # rank 0 only
                 mark = " *" if improved else ""
                 print(f"{self.name} epoch {epoch:3d}  loss {loss:.4f}  valid {SELECT_METRIC} "
                       f"{valid[SELECT_METRIC]:.4f}  ndcg@10 {valid['ndcg@10']:.4f}  "
                       f"{seq_per_s:.0f} seq/s{mark}", file=sys.stderr)
             # Last state after best: a kill between the two writes resumes from a consistent pair.
             self._save("last.safetensors", with_optimizer=True)
-            write_json_atomic(self.dir / "state.json", self.state)
+            if self.world.main:
+                write_json_atomic(self.dir / "state.json", self.state)
+        self.world.barrier()  # rank 0 has written best.safetensors
         self.load_best()
         best = self.state["history"][self.state["best_epoch"] - 1]
         speeds = [h["seq_per_s"] for h in self.state["history"]]

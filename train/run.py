@@ -14,6 +14,7 @@ from mp4sr_train.checkpoint import Checkpoint, load_state, save_checkpoint
 from mp4sr_train.config import Config
 from mp4sr_train.data import default_demo_dir, generate_demo, load_or_preprocess
 from mp4sr_train.data.types import SplitData
+from mp4sr_train.distributed import World
 from mp4sr_train.features.store import align, read_features
 from mp4sr_train.loop import (
     StageResult,
@@ -35,6 +36,13 @@ STAGES = ("all", "pretrain", "finetune")
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+_log = log
+
+
+def _silent(msg: str) -> None:
+    """The log of ranks other than 0 under torchrun: rank 0 speaks for all."""
 
 
 def resolve_data(data: Path | None) -> Path:
@@ -95,17 +103,41 @@ def train(
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dev = resolve_device(device)
+    world = World.from_environment(dev)  # a single process, or one rank under torchrun
+    try:
+        return _train(cfg, data, features, Path(out), stage, world.device(dev), resume, overwrite,
+                      progress and world.main, world)
+    finally:
+        world.close()
+
+
+def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, stage: str, dev: torch.device,
+           resume: bool, overwrite: bool, progress: bool, world: World) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
-    out = Path(out)
-    data_path = resolve_data(data)
-    # The split first: data with too few users fails here, before feature extraction or --out is made.
-    split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
-    features_path = resolve_features(data_path, features, device, progress)
+    with world.main_first():  # rank 0 writes the demo data, the split cache, the features; then the rest read them
+        data_path = resolve_data(data)
+        # The split first: data with too few users fails here, before feature extraction or --out is made.
+        split, _ = load_or_preprocess(data_path, out / "cache", cfg.data.max_len, cfg.data.min_interactions)
+        if world.main or features is not None:
+            features_path = resolve_features(data_path, features, dev.type, progress)
+    if not world.main and features is None:
+        from mp4sr_train.features.extract import default_features_path
+
+        features_path = default_features_path(data_path)
     out.mkdir(parents=True, exist_ok=True)
     feats, feat_meta = load_item_features(features_path, split, dev)
     features_sha = features_digest(feats)
     cfg, absent = config_lib.present_modalities(cfg, feats.present())
-    check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
+    with world.main_first():
+        if world.main:
+            check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
+    if not world.main:
+        log = _silent
+    else:
+        log = _log
+    if world.size > 1:
+        log(f"distributed: {world.size} processes ({'nccl' if dev.type == 'cuda' else 'gloo'}); "
+            f"each trains on 1/{world.size} of every batch")
     log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
@@ -121,7 +153,7 @@ def train(
     results: dict[str, StageResult] = {}
     if stage in ("all", "pretrain"):
         runner = StageRunner("pretrain", cfg.train.pretrain, cfg, model, None, feats, split,
-                             out / "stages" / "pretrain", progress)
+                             out / "stages" / "pretrain", progress, world)
         if resume and runner.resume():
             log("pretrain: finished earlier, loading its best epoch")
         results["pretrain"] = runner.run()
@@ -138,12 +170,14 @@ def train(
         id_emb = ItemIdEmbedding.create(cfg.train.ids, split.num_items, cfg.model.d, known,
                                         len(cfg.model.modalities)).to(dev)
         runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
-                             out / "stages" / "finetune", progress)
+                             out / "stages" / "finetune", progress, world)
         if resume and runner.resume():
             log("finetune: finished earlier, loading its best epoch")
         results["finetune"] = runner.run()
 
     final = "finetune" if "finetune" in results else "pretrain"
+    if not world.main:
+        return {}
     test = evaluate(model, feats, split.test, cfg.train.eval_batch_size, id_emb)
     model.eval()
     with torch.inference_mode():
