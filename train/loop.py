@@ -247,10 +247,11 @@ class StageRunner:
             unit="batch", disable=not self.progress, leave=False, file=sys.stderr,
         )
         for hist, targets in bar:
-            if self.world.size > 1:
-                if len(targets) < self.world.size:  # every rank skips it alike: no rank left without rows
+            if self.world.size > 1:  # equal shares (gather needs them): the remainder rows are left out
+                n = len(targets) // self.world.size * self.world.size
+                if n == 0:
                     continue
-                hist, targets = self.world.shard(hist), self.world.shard(targets)
+                hist, targets = self.world.shard(hist[:n]), self.world.shard(targets[:n])
             ids = torch.as_tensor(hist, device=dev)
             tgt = torch.as_tensor(targets, device=dev)
             loss, _ = self.step(ids, tgt)

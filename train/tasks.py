@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mp4sr_train.config import TrainConfig
+from mp4sr_train.distributed import gather
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, score, with_ids
 from torch import Tensor
 
@@ -32,22 +33,41 @@ def _exclude(logits: Tensor, mask: Tensor, quirks: bool) -> Tensor:
     return logits.masked_fill(mask, 0.0 if quirks else float("-inf"))
 
 
+def _not_negatives(row_targets: Tensor, col_targets: Tensor, row_seq: Tensor, col_seq: Tensor) -> Tensor:
+    """(R, C) True where row and column are different sequences with the same target."""
+    return (row_targets[:, None] == col_targets[None, :]) & (row_seq[:, None] != col_seq[None, :])
+
+
 def nip_loss(h: Tensor, e: Tensor, targets: Tensor, tau: float, quirks: bool = False) -> Tensor:
-    """In-batch InfoNCE between normalised user vectors h (B, d) and target vectors e (B, d)."""
-    logits = _exclude(h @ e.T / tau, same_target_mask(targets), quirks)
-    return F.cross_entropy(logits, torch.arange(len(h), device=h.device))
+    """In-batch InfoNCE between normalised user vectors h (B, d) and target vectors e (B, d);
+    under torchrun the columns are the whole batch's, across ranks (distributed.gather)."""
+    e_all, offset = gather(e)
+    t_all, _ = gather(targets)
+    rows = torch.arange(len(h), device=h.device) + offset
+    columns = torch.arange(len(e_all), device=h.device)
+    logits = _exclude(h @ e_all.T / tau, _not_negatives(targets, t_all, rows, columns), quirks)
+    return F.cross_entropy(logits, rows)
 
 
 def cmcl_loss(h_text: Tensor, h_image: Tensor, targets: Tensor, tau: float, quirks: bool = False) -> Tensor:
     """NT-Xent: positive (h_text[i], h_image[i]); negatives the other 2B - 2 vectors, except
-    those of sequences sharing the target. Averaged over both directions."""
-    b = len(h_text)
-    reps = torch.cat([h_text, h_image])  # (2B, d)
-    logits = reps @ reps.T / tau
-    self_mask = torch.eye(2 * b, dtype=torch.bool, device=reps.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    logits = _exclude(logits, same_target_mask(targets).repeat(2, 2), quirks)
-    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(reps.device)
+    those of sequences sharing the target. Averaged over both directions. Under torchrun the
+    columns are the whole batch's, across ranks."""
+    b, dev = len(h_text), h_text.device
+    text_all, offset = gather(h_text)
+    image_all, _ = gather(h_image)
+    t_all, _ = gather(targets)
+    n = len(text_all)
+    reps = torch.cat([h_text, h_image])  # (2b, d): this rank's rows
+    logits = reps @ torch.cat([text_all, image_all]).T / tau  # (2b, 2n)
+    local = torch.arange(b, device=dev) + offset
+    row_seq, col_seq = local.repeat(2), torch.arange(n, device=dev).repeat(2)
+    self_column = torch.cat([local, local + n])
+    own = torch.zeros_like(logits, dtype=torch.bool)
+    own[torch.arange(2 * b, device=dev), self_column] = True
+    logits = logits.masked_fill(own, float("-inf"))  # a vector is never its own negative
+    logits = _exclude(logits, _not_negatives(targets.repeat(2), t_all.repeat(2), row_seq, col_seq), quirks)
+    positives = torch.cat([local + n, local])
     return F.cross_entropy(logits, positives)
 
 
@@ -176,18 +196,19 @@ def sampled_finetune_loss(
     negatives; logits are corrected by `sample.correction` (log-Q). Only the items of the step
     (histories, targets, negatives) are encoded. With the whole catalogue as `negatives` and no
     log-Q it is finetune_loss, term for term."""
-    negatives = sample.draw(generator) if negatives is None else negatives
+    negatives = sample.draw(generator) if negatives is None else negatives  # the same on every rank
+    all_targets, _ = gather(targets)  # under torchrun: the whole batch's targets are its in-batch negatives
     n = id_emb.weight.shape[0]
     drop = None
     if cfg.ids.dropout > 0:  # drawn over the whole catalogue, as finetune_loss draws it
         drop = torch.rand(n, device=ids.device, generator=generator) < cfg.ids.dropout
-    touched, (local_ids,) = touched_items(ids, extra=torch.cat([targets, negatives]))
+    touched, (local_ids,) = touched_items(ids, extra=torch.cat([all_targets, negatives]))
     z = model.encode_items(feats.take(touched), detach_pool=cfg.reference_quirks)  # (M, U, d)
     inputs = with_ids(z, id_emb.rows(touched, z, drop))
     h = model.encode_history(local_ids, inputs)
-    columns = torch.unique(torch.cat([targets, negatives]))  # candidate items, sorted
+    columns = torch.unique(torch.cat([all_targets, negatives]))  # candidate items, sorted
     cands = candidates(inputs)[:, torch.searchsorted(touched, columns)]  # (M, C, d)
     logits = torch.einsum("mbd,mcd->bc", F.normalize(h, dim=-1), cands) / cfg.tau
-    logits = logits - sample.correction(columns, len(targets))
+    logits = logits - sample.correction(columns, len(all_targets))
     loss = F.cross_entropy(logits, torch.searchsorted(columns, targets))
     return loss, {"ce": float(loss.detach())}
