@@ -30,7 +30,7 @@ class ServeOptions:
     max_delay_ms: float = 2.0  # how long a request may wait for others to batch with
     # Requests waiting beyond this are refused at once (UNAVAILABLE); 0: no bound. Off by default:
     # with a queue policy, Triton 2.51's dynamic batcher holds some requests for ~500 ms even at one
-    # client (measured: p99 505 ms against 13 ms without; docs/bench/serve-cpu.md).
+    # client (measured: p99 504 ms against 6.7 ms without; README, docs/bench/serve-cpu*.jsonl).
     max_queue: int = 0
     backend: str = "auto"  # the Scorer's: auto | cpu | cuda
     instances: int = 1  # model instances (processes) ranking in parallel
