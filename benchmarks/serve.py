@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import tempfile
 import threading
@@ -34,17 +33,7 @@ from mp4sr_rt.batching import MicroBatcher
 from mp4sr_rt.manifest import verify_artifacts
 from mp4sr_rt.scorer import Scorer
 from mp4sr_rt.serving.repository import ServeOptions, artifacts_path, write_models
-from mp4sr_rt.serving.server import Ports, TritonServer
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+from mp4sr_rt.serving.server import Ports, TritonServer, free_ports
 
 
 def histories(artifacts: Path, n: int, seed: int) -> list[list[str]]:

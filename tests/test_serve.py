@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mp4sr_rt.manifest import verify_artifacts
+from mp4sr_rt.serving.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = Path(os.environ.get("MP4SR_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
@@ -42,16 +42,6 @@ def serve_python() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SERVE_PYTHON
-
-
-def free_ports(n: int = 3) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def descendants(pid: int) -> list[int]:

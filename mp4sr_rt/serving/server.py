@@ -21,6 +21,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -43,6 +44,19 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+
+def free_ports(n: int = 3) -> list[int]:
+    """`n` distinct TCP ports free on localhost now (for tests and benchmarks; another process
+    may still take one before the server binds it)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def distribution() -> Path:
