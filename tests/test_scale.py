@@ -10,7 +10,7 @@ import pytest
 import torch
 from mp4sr_train import config as config_lib
 from mp4sr_train.data.types import Split
-from mp4sr_train.loop import chunked_ranks, encode_items_chunked, evaluate
+from mp4sr_train.loop import chunked_ranks, encode_items_chunked, evaluate, sample_split
 from mp4sr_train.metrics import target_ranks
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss, sampled_finetune_loss
@@ -128,3 +128,12 @@ def test_auto_switches_to_the_sampled_path_above_its_threshold():
     assert not config_lib.SoftmaxConfig(kind="full").sampled(10**9)
     with pytest.raises(Exception, match="kind"):
         config_lib.replace(config_lib.preset("tiny"), {"train.softmax.kind": "approximate"})
+
+
+def test_validation_on_a_seeded_sample_of_users():
+    split = Split(np.arange(40).reshape(20, 2), np.arange(20))
+    a, b = sample_split(split, 5, seed=3), sample_split(split, 5, seed=3)
+    assert len(a) == 5 and np.array_equal(a.targets, b.targets) and np.all(np.diff(a.targets) > 0)
+    assert not np.array_equal(a.targets, sample_split(split, 5, seed=4).targets)
+    assert sample_split(split, 0, seed=3) is split and sample_split(split, 99, seed=3) is split
+    assert np.array_equal(a.histories, split.histories[a.targets])

@@ -141,13 +141,17 @@ class TrainConfig:
     # (still counted in the softmax) and attention pooling that never receives gradients.
     reference_quirks: bool = False
     eval_batch_size: int = 1024
+    # Validate (early stopping, model selection) on this many users, a sample drawn once with the
+    # seed; 0: all of them. Testing always uses every user.
+    valid_users: int = 0
     seed: int = 0
     ids: IdConfig = field(default_factory=IdConfig)
     softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
 
     def __post_init__(self) -> None:
         _check(self, tau=(1e-6, 100, False), cmcl_weight=(0, None, False), drop_max=(0, 0.99, False),
-               mixup_max=(0, 1, False), eval_batch_size=(1, None, True), seed=(0, 2**63 - 1, True))
+               mixup_max=(0, 1, False), eval_batch_size=(1, None, True), valid_users=(0, None, True),
+               seed=(0, 2**63 - 1, True))
 
 
 @dataclass(frozen=True)

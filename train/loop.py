@@ -117,6 +117,14 @@ def chunked_ranks(h: torch.Tensor, cands: torch.Tensor, targets: torch.Tensor, c
     return ranks
 
 
+def sample_split(split: Split, users: int, seed: int) -> Split:
+    """`users` histories of `split` drawn with `seed` (in their order), or all of them for 0."""
+    if users <= 0 or users >= len(split):
+        return split
+    rows = np.sort(np.random.default_rng(seed).choice(len(split), users, replace=False))
+    return Split(split.histories[rows], split.targets[rows])
+
+
 def evaluate_popularity(data: SplitData, split: Split) -> dict[str, float]:
     scores = popularity_scores(data.train_counts)[None].expand(len(split), -1)
     return metrics_from_ranks(target_ranks(scores, torch.as_tensor(split.targets)).numpy())
@@ -270,13 +278,12 @@ class StageRunner:
     def run(self) -> StageResult:
         self.dir.mkdir(parents=True, exist_ok=True)
         sc = self.stage_cfg
+        valid_split = sample_split(self.data.valid, self.cfg.train.valid_users, self.cfg.train.seed)
         while not self.state["done"]:
             epoch = self.state["epoch"] + 1
             t0 = time.perf_counter()
             loss, seq_per_s = self._epoch(epoch)
-            valid = evaluate(
-                self.model, self.feats, self.data.valid, self.cfg.train.eval_batch_size, self.id_emb
-            )
+            valid = evaluate(self.model, self.feats, valid_split, self.cfg.train.eval_batch_size, self.id_emb)
             self.state["history"].append({"epoch": epoch, "loss": loss, "valid": valid, "seq_per_s": seq_per_s,
                                           "seconds": time.perf_counter() - t0})
             improved = valid[SELECT_METRIC] > self.state["best"]
