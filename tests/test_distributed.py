@@ -34,9 +34,11 @@ def train(data: Path, out: Path, *extra: object, check: bool = True) -> subproce
     return r
 
 
-def test_two_processes_train_what_one_process_trains(tiny_data_dir, tmp_path):
-    train(tiny_data_dir, tmp_path / "one")
-    r = train(tiny_data_dir, tmp_path / "two", "--nproc", 2)
+@pytest.mark.parametrize("softmax", ["full", "sampled"])
+def test_two_processes_train_what_one_process_trains(tiny_data_dir, tmp_path, softmax):
+    path = ["--set", f"train.softmax.kind={softmax}", "--set", "train.softmax.negatives=16"]
+    train(tiny_data_dir, tmp_path / "one", *path)
+    r = train(tiny_data_dir, tmp_path / "two", "--nproc", 2, *path)
     assert "distributed: 2 processes (gloo)" in r.stderr
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -123,8 +123,9 @@ def pretrain_loss(
     if cfg.drop_max > 0:
         ids = random_drop(ids, draw() * cfg.drop_max, generator)
     names = model.cfg.modalities
-    if sample is not None:  # encode only the step's items; ids and targets become positions among them
-        touched, (ids, targets) = touched_items(ids, targets)
+    rows = targets  # where the target vectors sit in z; the losses' masks compare item ids
+    if sample is not None:  # encode only the step's items; ids and rows become positions among them
+        touched, (ids, rows) = touched_items(ids, targets)
         z = model.encode_items(feats.take(touched), detach_pool=cfg.reference_quirks)
     else:
         z = model.encode_items(feats, detach_pool=cfg.reference_quirks)  # (M, N + 1, d)
@@ -138,7 +139,7 @@ def pretrain_loss(
     lengths = (ids != 0).sum(-1)
     h = model.encode_sequence(seq.flatten(0, 1), lengths.repeat(len(z))).view(len(z), len(ids), -1)
     h = F.normalize(h, dim=-1)
-    e = F.normalize(z[:, targets], dim=-1)  # (M, B, d)
+    e = F.normalize(z[:, rows], dim=-1)  # (M, B, d)
     q = cfg.reference_quirks
     parts = {}
     loss = torch.zeros((), device=dev)
