@@ -189,3 +189,26 @@ def test_cpp_example_searches_the_index_like_python(ivf, tmp_path):
         scores, positions = scorer._ann.search(user[None], 10)
         assert [item for item, _ in got] == [f"c{p}" for p in positions[0]]
         np.testing.assert_allclose([float(s) for _, s in got], scores[0], rtol=1e-5)
+
+
+def test_catalogue_versions_reach_the_index_of_every_scorer(ivf, tmp_path):
+    import shutil
+
+    from mp4sr_rt import catalogue
+
+    directory = tmp_path / "artifacts"
+    shutil.copytree(ivf, directory)
+    writer, reader = Scorer(directory, backend="cpu"), Scorer(directory, backend="cpu")
+    rng = np.random.default_rng(6)
+    feats = {"text_feats": rng.normal(size=(20, 2, 12)).astype(np.float32),
+             "image_feats": rng.normal(size=(20, 1, 12)).astype(np.float32)}
+    catalogue.update(writer, lambda s: s.add_items([f"new{j}" for j in range(20)], **feats))
+    assert reader.refresh() and reader.approximate
+    batch = [["new3", "c5"], ["new7"], *histories(50, seed=7)]
+    exact = Scorer(directory, backend="cpu", ann=False)
+    assert exact.num_items == ITEMS + 20
+    for scorer in (reader, Scorer(directory, backend="cpu")):  # taken up, and read at start
+        got, want = scorer.score(batch, k=10), exact.score(batch, k=10)
+        assert overlap(got, want, 10) >= 0.97
+        assert {i for r in got for i in r.items if i.startswith("new")} == \
+            {i for r in want for i in r.items if i.startswith("new")} != set()
