@@ -38,9 +38,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-_log = log
-
-
 def _silent(msg: str) -> None:
     """The log of ranks other than 0 under torchrun: rank 0 speaks for all."""
 
@@ -131,20 +128,17 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
     with world.main_first():
         if world.main:
             check_or_write_run(out, run_fingerprint(cfg, str(data_path.resolve()), features_sha), resume, overwrite)
-    if not world.main:
-        log = _silent
-    else:
-        log = _log
+    say = log if world.main else _silent  # rank 0 speaks for every rank
     if world.size > 1:
-        log(f"distributed: {world.size} processes ({'nccl' if dev.type == 'cuda' else 'gloo'}); "
+        say(f"distributed: {world.size} processes ({'nccl' if dev.type == 'cuda' else 'gloo'}); "
             f"each trains on 1/{world.size} of every batch")
-    log(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
+    say(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
         f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
         f"({feat_meta.get('encoder', '?')}) | device {dev}")
     if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("clip_model", "none") != "none":
-        log("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
+        say("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
     if absent:
-        log(f"note: no item has {' or '.join(absent)} features; the model uses "
+        say(f"note: no item has {' or '.join(absent)} features; the model uses "
             f"{', '.join(cfg.model.modalities)} only (train.skip_absent_modalities)")
 
     t0 = time.perf_counter()
@@ -155,7 +149,7 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
         runner = StageRunner("pretrain", cfg.train.pretrain, cfg, model, None, feats, split,
                              out / "stages" / "pretrain", progress, world)
         if resume and runner.resume():
-            log("pretrain: finished earlier, loading its best epoch")
+            say("pretrain: finished earlier, loading its best epoch")
         results["pretrain"] = runner.run()
     id_emb = None
     if stage in ("all", "finetune"):
@@ -163,16 +157,16 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
         if stage == "finetune":
             if pretrained.is_file():
                 load_state(load_file(str(pretrained), device=str(dev)), model, None)
-                log(f"finetune: starting from the pre-trained weights in {pretrained.parent}")
+                say(f"finetune: starting from the pre-trained weights in {pretrained.parent}")
             else:
-                log("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
+                say("finetune: no pre-trained weights in this run directory; fine-tuning from scratch")
         known = torch.as_tensor(split.train_counts > 0)
         id_emb = ItemIdEmbedding.create(cfg.train.ids, split.num_items, cfg.model.d, known,
                                         len(cfg.model.modalities)).to(dev)
         runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
                              out / "stages" / "finetune", progress, world)
         if resume and runner.resume():
-            log("finetune: finished earlier, loading its best epoch")
+            say("finetune: finished earlier, loading its best epoch")
         results["finetune"] = runner.run()
 
     final = "finetune" if "finetune" in results else "pretrain"
@@ -194,7 +188,7 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
     metrics = build_metrics(results, final, test, popularity, time.perf_counter() - t0)
     write_json_atomic(out / "metrics.json", metrics)
     write_curves(out / "curves.png", results)
-    log(summary(metrics, out))
+    say(summary(metrics, out))
     return metrics
 
 
