@@ -15,7 +15,7 @@ from mp4sr_train.metrics import target_ranks
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss, sampled_finetune_loss
 
-N, S, F, D = 50, 3, 12, 16
+N, S, F = 50, 3, 12
 
 
 @pytest.fixture()

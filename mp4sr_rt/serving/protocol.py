@@ -48,20 +48,20 @@ class Query:
         return self.k, self.exclude_seen, self.exclude, self.allow
 
 
+def _text(value: object, where: str) -> str:
+    """One BYTES element as text; not UTF-8 is a UserError naming `where`."""
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text") from None
+
+
 def strings(array: np.ndarray, name: str) -> list[str]:
     """A BYTES row as text, without the "" padding; an element not UTF-8 is a UserError."""
-    out = []
-    for j, value in enumerate(array.tolist()):
-        if isinstance(value, str):
-            text = value
-        else:
-            try:
-                text = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{name}: element {j} is not UTF-8 text") from None
-        if text:
-            out.append(text)
-    return out
+    texts = (_text(value, f"{name}: element {j}") for j, value in enumerate(array.tolist()))
+    return [text for text in texts if text]
 
 
 def _rows(inputs: Mapping[str, np.ndarray], name: str, batch: int, kind: str) -> np.ndarray | None:
@@ -162,8 +162,7 @@ def parse_change(inputs: Mapping[str, np.ndarray]) -> CatalogueChange:
         values = inputs["texts"].reshape(-1)
         if len(values) != n:
             raise UserError(f"texts: {len(values)} elements for {n} ids")
-        texts = [strings(values[j:j + 1], f"texts[{j}]") for j in range(n)]
-        texts = [t[0] if t else "" for t in texts]
+        texts = [_text(value, f"texts: element {j}") for j, value in enumerate(values.tolist())]
     if "images" in inputs:
         values = inputs["images"].reshape(-1)
         if len(values) != n:
