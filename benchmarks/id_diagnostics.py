@@ -14,6 +14,10 @@ Reads finished `mp4sr-rt benchmark` runs (those with a metrics.json; the demo da
     new_only                 cold-start setting: Recall@20 and NDCG@20 ranking each cold test user's
                              target among the held-out items alone: how well the features rank new
                              items, whatever the model's bias for or against items without an ID row
+    offsets                  with --offsets: the cold-start model tested on every user with a constant
+                             added to each new item's score: NDCG@20 of the cold test users, of the
+                             others and of all, and the new items' share of the top 20 (the price of
+                             a bias for new items, measured)
 """
 
 from __future__ import annotations
@@ -25,26 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from mp4sr_train import config as config_lib
-from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, build_model, full_catalogue_ids, load_inputs, setting_data
-from mp4sr_train.checkpoint import load_state
+from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, full_catalogue_ids, load_inputs, load_trained, setting_data
 from mp4sr_train.metrics import metrics_from_ranks, target_ranks
-from mp4sr_train.model import ItemIdEmbedding
 from mp4sr_train.tasks import full_scores
-from safetensors.torch import load_file
 
 
 @torch.inference_mode()
-def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: BenchmarkOptions) -> dict:
+def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: BenchmarkOptions,
+             offsets: tuple[float, ...] = ()) -> dict:
     spec = BY_NAME[name]
     cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
+    if spec.kind == "mp4sr":
+        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
     sd = setting_data(inputs, setting, options.cold_fraction, seed)
-    model = build_model(spec, cfg, inputs.feats.text.shape[-1])
-    known = torch.as_tensor(sd.train_data.train_counts > 0)
-    modalities = len(cfg.model.modalities) if spec.kind == "mp4sr" else 1
-    id_emb = ItemIdEmbedding.create(cfg.train.ids, sd.train_data.num_items, cfg.model.d, known, modalities)
-    load_state(load_file(str(out / setting / name / f"seed-{seed}" / "stages" / "finetune" / "best.safetensors")),
-               model, id_emb)
-    model.eval()
+    model, id_emb = load_trained(spec, cfg, inputs, sd, out / setting / name / f"seed-{seed}")
     if sd.kept is not None:
         id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
     z = model.encode_items(inputs.feats)
@@ -57,17 +55,42 @@ def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: Ben
               "id_norm": float(rows[trained].norm(dim=-1).mean()),
               "predicted_id_norm": float(rows[untrained].norm(dim=-1).mean()) if untrained.any() else None}
     if setting == "cold-start":
-        ids = torch.as_tensor(sd.test.histories)
-        scores = full_scores(model, inputs.feats, ids, id_emb, z)
+        scores = all_scores(model, inputs.feats, sd.test, id_emb, z)
+        targets = torch.as_tensor(sd.test.targets)
         top = scores.topk(20, dim=-1).indices
-        target = scores.gather(1, torch.as_tensor(sd.test.targets)[:, None])
-        ranks = (scores > target).sum(-1) + 1
         result["cold_share_top20"] = float(untrained[top].float().mean())
-        result["target_rank_median"] = float(np.median(ranks.numpy()))
+        result["target_rank_median"] = float(np.median(target_ranks(scores, targets).numpy()))
         only_new = scores.masked_fill(~untrained, float("-inf"))
-        new = metrics_from_ranks(target_ranks(only_new, torch.as_tensor(sd.test.targets)).numpy())
+        new = metrics_from_ranks(target_ranks(only_new, targets).numpy())
         result["new_only"] = {k: new[k] for k in ("recall@20", "ndcg@20")}
+        if offsets:
+            result["offsets"] = offset_sweep(model, inputs.feats, sd.test_all, id_emb, z, untrained, offsets)
     return result
+
+
+def all_scores(model, feats, split, id_emb, z, batch: int = 500) -> torch.Tensor:
+    """Scores of every item for every history of `split` (padding column -inf)."""
+    parts = [full_scores(model, feats, torch.as_tensor(split.histories[i : i + batch]), id_emb, z)
+             for i in range(0, len(split), batch)]
+    scores = torch.cat(parts)
+    scores[:, 0] = float("-inf")
+    return scores
+
+
+def offset_sweep(model, feats, split, id_emb, z, untrained, offsets) -> list[dict]:
+    """NDCG@20 of the cold test users (new-item targets), of the others and of all users, and the
+    new items' share of the top 20, when `offset` is added to every new item's (cosine) score."""
+    scores = all_scores(model, feats, split, id_emb, z)
+    targets = torch.as_tensor(split.targets)
+    cold = untrained[targets].numpy()
+    rows = []
+    for offset in offsets:
+        shifted = scores + offset * untrained.to(scores.dtype)
+        ranks = target_ranks(shifted, targets).numpy()
+        rows.append({"offset": offset, "share_top20": float(untrained[shifted.topk(20, dim=-1).indices].float().mean()),
+                     **{f"ndcg@20_{part}": metrics_from_ranks(ranks[mask])["ndcg@20"]
+                        for part, mask in (("cold", cold), ("other", ~cold), ("all", np.ones_like(cold)))}})
+    return rows
 
 
 def main() -> None:
@@ -78,14 +101,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--features", type=Path)
     parser.add_argument("--preset", default="demo")
+    parser.add_argument("--offsets", default="", help="comma-separated score offsets for new items, e.g. 0,0.1,0.2")
     args = parser.parse_args()
     options = BenchmarkOptions(cfg=config_lib.preset(args.preset), seeds=(args.seed,), out=args.out,
                                data=args.data, features=args.features, device="cpu", progress=False)
     inputs = load_inputs(options)
+    offsets = tuple(float(x) for x in args.offsets.split(",") if x.strip())
     for setting in ("normal", "cold-start"):
         for name in args.models.split(","):
             if (args.out / setting / name / f"seed-{args.seed}" / "metrics.json").is_file():  # finished runs only
-                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options)), flush=True)
+                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options, offsets)), flush=True)
 
 
 if __name__ == "__main__":

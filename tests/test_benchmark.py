@@ -57,6 +57,7 @@ def test_report_has_a_table_per_setting_and_a_chart(bench):
     out = bench
     report = (out / "results.md").read_text()
     assert "## Normal setting" in report and "## Cold-start setting" in report
+    assert "## Cold-start setting, every test user" in report
     assert "SASRec (item IDs only) — cannot score unseen items" in report
     assert "Shortened schedule" in report
     assert "these figures are not used to rank the models" in report and "MP4SR against" not in report
@@ -72,6 +73,27 @@ def test_rerun_skips_finished_runs(bench, tiny_data_dir):
     assert result.exit_code == 0, result.output
     assert result.stderr.count("finished earlier") == len(files) == 2 * 2 * len(MODELS.split(","))
     assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_cold_start_models_are_also_tested_on_every_user(bench, tiny_data_dir):
+    """`test_all`: every test user (the ID-only models rank the trained items' targets); a run finished
+    without it gets it on rerun from its best checkpoint, equal to what training computed."""
+    out = bench
+    normal = json.loads((out / "normal" / "mp4sr" / "seed-0" / "metrics.json").read_text())
+    for model in MODELS.split(","):
+        metrics = json.loads((out / "cold-start" / model / "seed-0" / "metrics.json").read_text())
+        assert metrics["test_all_users"] == normal["test_users"] > metrics["test_users"], model
+        assert metrics["test_all"]["recall@20"] > 0, model
+    files = [out / "cold-start" / model / "seed-1" / "metrics.json" for model in ("mp4sr", "popularity", "sasrec")]
+    written = [json.loads(f.read_text()) for f in files]
+    for f, metrics in zip(files, written, strict=True):
+        f.write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("test_all")}))
+    result = run_benchmark_cli(tiny_data_dir, out)
+    assert result.exit_code == 0, result.output
+    for f, metrics in zip(files, written, strict=True):
+        again = json.loads(f.read_text())
+        assert again["test_all_users"] == metrics["test_all_users"]
+        assert again["test_all"] == pytest.approx(metrics["test_all"], abs=1e-6), f
 
 
 def test_rerun_with_other_settings_is_refused(bench, tiny_data_dir):

@@ -9,7 +9,9 @@ Settings:
     cold-start  train without a seeded fraction of the items (hold_out_items, then a catalogue
                 without them), test on the users whose last item is one of them, ranking the whole
                 catalogue: those items are scored from features only (SPEC section 4), which models
-                without features cannot do
+                without features cannot do. The same models are also tested on every user
+                ("test_all"): there the new items must rank where they belong and no higher, which a
+                model biased for or against items without an ID row cannot fake
 
 Results directory (a run with a metrics.json is finished and skipped on rerun; one killed during
 training resumes from its last completed epoch):
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from mp4sr_train import config as config_lib
 from mp4sr_train.baselines import SASRec
+from mp4sr_train.checkpoint import load_state
 from mp4sr_train.config import Config
 from mp4sr_train.data import hold_out_items, load_or_preprocess
 from mp4sr_train.data.preprocess import _strip_items
@@ -40,6 +43,7 @@ from mp4sr_train.data.types import Split, SplitData
 from mp4sr_train.loop import StageRunner, evaluate, evaluate_popularity, resolve_device, run_fingerprint
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
 from mp4sr_train.run import features_digest, load_item_features, log, resolve_inputs
+from safetensors.torch import load_file
 
 from mp4sr_rt.errors import UserError
 from mp4sr_rt.io import write_json_atomic
@@ -175,6 +179,11 @@ class SettingData:
     kept: np.ndarray | None  # full index of each training-catalogue item (row 0 padding); None: the same catalogue
     test: Split  # full catalogue
 
+    @property
+    def test_all(self) -> Split | None:
+        """Cold-start setting: every test user, whatever the target (None in the normal setting)."""
+        return None if self.kept is None else self.data.test
+
 
 def drop_items(data: SplitData, feats: ItemFeatures, held: np.ndarray) -> tuple[SplitData, ItemFeatures, np.ndarray]:
     """The catalogue without the `held` items, re-indexed: training never sees them, neither as
@@ -234,7 +243,7 @@ def train_and_test(
     """Pre-train (if the model does) in `pretrained`, fine-tune in `directory` and test; both stages
     resume from their last epoch, and a finished pre-training is loaded rather than repeated."""
     if spec.kind == "popularity":
-        return {"test": evaluate_popularity(sd.data, sd.test), "epochs": {}, "seconds": 0.0}
+        return {**popularity_metrics(sd), "epochs": {}, "seconds": 0.0}
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, cfg, inputs.feats.text.shape[-1]).to(inputs.device)
     epochs, seconds, id_emb = {}, 0.0, None
@@ -252,10 +261,40 @@ def train_and_test(
         runner.resume()
         result = runner.run()
         epochs[stage], seconds = len(result.history), seconds + result.seconds
+    return {**test_metrics(model, id_emb, cfg, inputs, sd), "epochs": epochs, "seconds": seconds}
+
+
+def test_metrics(
+    model: torch.nn.Module, id_emb: ItemIdEmbedding | None, cfg: Config, inputs: Inputs, sd: SettingData,
+) -> dict[str, Any]:
+    """The test metrics of a trained model: "test", and in the cold-start setting "test_all" too."""
     if sd.kept is not None:
         id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
-    test = evaluate(model, inputs.feats, sd.test, cfg.train.eval_batch_size, id_emb)
-    return {"test": test, "epochs": epochs, "seconds": seconds}
+    result = {"test": evaluate(model, inputs.feats, sd.test, cfg.train.eval_batch_size, id_emb)}
+    if sd.test_all is not None:
+        result["test_all"] = evaluate(model, inputs.feats, sd.test_all, cfg.train.eval_batch_size, id_emb)
+        result["test_all_users"] = len(sd.test_all)
+    return result
+
+
+def load_trained(spec: ModelSpec, cfg: Config, inputs: Inputs, sd: SettingData, directory: Path,
+                 ) -> tuple[torch.nn.Module, ItemIdEmbedding]:
+    """A finished run's model and ID embedding (training catalogue) from its best checkpoint."""
+    model = build_model(spec, cfg, inputs.feats.text.shape[-1]).to(inputs.device)
+    known = torch.as_tensor(sd.train_data.train_counts > 0)
+    modalities = len(cfg.model.modalities) if spec.kind == "mp4sr" else 1
+    id_emb = ItemIdEmbedding.create(cfg.train.ids, sd.train_data.num_items, cfg.model.d, known,
+                                    modalities).to(inputs.device)
+    tensors = load_file(str(directory / "stages" / "finetune" / "best.safetensors"), device=str(inputs.device))
+    load_state(tensors, model, id_emb)
+    return model.eval(), id_emb
+
+
+def popularity_metrics(sd: SettingData) -> dict[str, Any]:
+    result = {"test": evaluate_popularity(sd.data, sd.test)}
+    if sd.test_all is not None:
+        result["test_all"], result["test_all_users"] = evaluate_popularity(sd.data, sd.test_all), len(sd.test_all)
+    return result
 
 
 def pretrained_dir(options: BenchmarkOptions, setting: str, cfg: Config, inputs: Inputs) -> Path:
@@ -283,7 +322,15 @@ def run_one(
     claim(directory, fingerprint)
     metrics_file = directory / "metrics.json"
     if metrics_file.is_file():
-        return json.loads(metrics_file.read_text()), False
+        metrics = json.loads(metrics_file.read_text())
+        if setting == "cold-start" and "test_all" not in metrics:  # finished before "test_all" existed
+            sd = setting_data(inputs, setting, options.cold_fraction, seed)
+            if spec.kind == "popularity":
+                metrics.update(popularity_metrics(sd))
+            else:
+                metrics.update(test_metrics(*load_trained(spec, cfg, inputs, sd, directory), cfg, inputs, sd))
+            write_json_atomic(metrics_file, metrics)
+        return metrics, False
     sd = setting_data(inputs, setting, options.cold_fraction, seed)
     pretrained = pretrained_dir(options, setting, cfg, inputs)
     result = train_and_test(spec, cfg, inputs, sd, directory, pretrained, options.progress)

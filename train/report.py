@@ -16,12 +16,28 @@ from mp4sr_train.config import Config
 
 from mp4sr_rt.io import atomic_write, write_text_atomic
 
+ALL_USERS = "cold-start-all"  # the cold-start runs tested on every user
+TITLES = {"normal": "Normal setting", "cold-start": "Cold-start setting",
+          ALL_USERS: "Cold-start setting, every test user"}
+
+
+def report_settings(settings: tuple[str, ...], summary) -> tuple[str, ...]:
+    """The settings the report shows: after cold-start, its all-users test where the runs have one."""
+    shown = []
+    for setting in settings:
+        shown.append(setting)
+        if setting == "cold-start" and any(key[0] == ALL_USERS for key in summary):
+            shown.append(ALL_USERS)
+    return tuple(shown)
+
 
 def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
     """(setting, model) -> metric -> (mean, standard deviation over seeds; 0 for one seed)."""
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         grouped.setdefault((r["setting"], r["model"]), []).append(r)
+        if "test_all" in r:  # the cold-start models tested on every user: a setting of its own in the report
+            grouped.setdefault((ALL_USERS, r["model"]), []).append({**r, "test": r["test_all"]})
     summary = {}
     for key, runs in grouped.items():
         values = {m: [r["test"][m] for r in runs] for m in METRICS}
@@ -140,15 +156,16 @@ def write_report(result: BenchmarkResult, options: BenchmarkOptions, path: Path,
         "",
         f"![Recall@20 and NDCG@20 per model, error bars one standard deviation]({path.with_suffix('.png').name})",
     ]
-    for setting in options.settings:
+    settings = report_settings(options.settings, summary)
+    for setting in settings:
         several = len(options.seeds) > 1
-        lines += ["", f"## {setting.capitalize()} setting", "", *_table(summary, setting, models, spread=several)]
+        lines += ["", f"## {TITLES[setting]}", "", *_table(summary, setting, models, spread=several)]
         findings = _findings(summary, setting, models, shortened="Shortened schedule" in _schedule(cfg, models),
                              seeds=len(options.seeds))
         if findings:
             lines += ["", "Findings:", "", *findings]
     write_text_atomic(path, "\n".join(lines) + "\n")
-    write_chart(summary, models, options.settings, path.with_suffix(".png"))
+    write_chart(summary, models, settings, path.with_suffix(".png"))
 
 
 def _setting_notes(options: BenchmarkOptions, normal_users: list[int], cold_users: list[int]) -> list[str]:
@@ -161,7 +178,13 @@ def _setting_notes(options: BenchmarkOptions, normal_users: list[int], cold_user
             "of the training catalogue (never a target, a history item, a negative of the softmax or a validation "
             f"item, like items added after training); tested on the {_range(cold_users)} users whose test item is "
             "one of them, ranking the whole catalogue. MP4SR and SASRecM score those items from their features "
-            "only; popularity and SASRec cannot score them (zero counts, no ID row), hence their zeros.")
+            "only; popularity and SASRec cannot score them (zero counts, no ID row), hence their zeros. Every test "
+            "target there is a new item, so a model that favours items without an ID row gains, whatever it costs "
+            "elsewhere.")
+        notes.append(
+            "- Cold-start setting, every test user: the same cold-start models tested on all users (about "
+            f"{options.cold_fraction:.0%} of whose targets are new items), ranking the whole catalogue: the new items "
+            "must rank where they belong and no higher, as in a catalogue with new items in production.")
     return notes
 
 
@@ -185,7 +208,7 @@ def write_chart(summary, models: tuple[ModelSpec, ...], settings: tuple[str, ...
             stats = [summary[(setting, spec.name)][metric] for spec in models]
             ax.bar(x + offset, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=metric)
         ax.set_xticks(x, [spec.name for spec in models], rotation=45, ha="right")
-        ax.set_title(f"{setting} setting")
+        ax.set_title(TITLES[setting])
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
