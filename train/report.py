@@ -19,6 +19,7 @@ from mp4sr_rt.io import atomic_write, write_text_atomic
 ALL_USERS = "cold-start-all"  # the cold-start runs tested on every user
 TITLES = {"normal": "Normal setting", "cold-start": "Cold-start setting",
           ALL_USERS: "Cold-start setting, every test user"}
+CHART_TITLES = {"normal": "normal", "cold-start": "cold-start: new-item targets", ALL_USERS: "cold-start: every user"}
 
 
 def report_settings(settings: tuple[str, ...], summary) -> tuple[str, ...]:
@@ -208,7 +209,7 @@ def write_chart(summary, models: tuple[ModelSpec, ...], settings: tuple[str, ...
             stats = [summary[(setting, spec.name)][metric] for spec in models]
             ax.bar(x + offset, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=metric)
         ax.set_xticks(x, [spec.name for spec in models], rotation=45, ha="right")
-        ax.set_title(TITLES[setting])
+        ax.set_title(CHART_TITLES[setting])
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
