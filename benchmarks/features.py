@@ -34,7 +34,7 @@ from mp4sr_train.loop import resolve_device
 def first_items(raw: RawData, n: int) -> RawData:
     keep = sorted(raw.item_info)[:n]
     ids = np.array(keep)
-    return RawData(users=ids, items=ids, timestamps=np.zeros(len(ids)),
+    return RawData.from_ids(users=ids, items=ids, timestamps=np.zeros(len(ids)),
                    item_info={item: raw.item_info[item] for item in keep})
 
 

@@ -220,7 +220,7 @@ EXAMPLE = [
 
 def example_raw() -> RawData:
     users, items, ts = zip(*EXAMPLE, strict=True)
-    return RawData(np.array(users), np.array(items), np.array(ts, dtype=np.float64), source="ex")
+    return RawData.from_ids(np.array(users), np.array(items), np.array(ts, dtype=np.float64), source="ex")
 
 
 def test_preprocess_hand_computed():

@@ -77,7 +77,7 @@ def run(raw: RawData, out: Path, text: TextEncoder, clip: Clip | None, cache_dir
 def catalogue(items: dict[str, ItemInfo], interacted: tuple[str, ...] = ()) -> RawData:
     """Items with one interaction each: those described and those in ``interacted``."""
     ids = np.array(sorted(items) + list(interacted))
-    return RawData(users=np.array(["u"] * len(ids)), items=ids,
+    return RawData.from_ids(users=np.array(["u"] * len(ids)), items=ids,
                    timestamps=np.arange(len(ids), dtype=float), item_info=items)
 
 

@@ -99,6 +99,9 @@ def features(
     cache_dir: Annotated[Path | None, typer.Option(help=(
         "Vector cache shared by reruns. "
         "Default: $MP4SR_CACHE_DIR or ~/.cache/mp4sr-rt/features."))] = None,
+    dtype: Annotated[str, typer.Option(help=(
+        "float32, or float16: half the file, for catalogues whose features do not fit in memory "
+        "(training maps the file and reads the rows a step touches)."))] = "float32",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Embed item sentences and CLIP image words (offline, cached); prints the path on stdout."""
@@ -114,7 +117,7 @@ def features(
     }
     out = out or default_features_path(Path(data).expanduser(), **settings, cache_dir=cache_dir)
     path = extract_features(raw, out, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                            progress=not quiet, **settings)
+                            progress=not quiet, dtype=dtype, **settings)
     print(path)
 
 

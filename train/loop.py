@@ -69,11 +69,11 @@ def evaluate(
     larger than `chunk` items is encoded and ranked block by block (exact ranks, counted across
     the blocks), so that beyond the item table the memory does not grow with its size."""
     model.eval()
-    dev = feats.text.device
-    n = feats.text.shape[0]
-    z = model.encode_items(feats) if n <= chunk else encode_items_chunked(model, feats, chunk)
+    dev = feats.device
+    blocks = len(feats) > chunk or feats.is_mapped  # a mapped catalogue is only ever read in blocks
+    z = encode_items_chunked(model, feats, chunk) if blocks else model.encode_items(feats)
     cands = None
-    if n > chunk:
+    if blocks:
         inputs = with_ids(z, None if id_emb is None else id_emb(z))
         cands = candidates(inputs)
     acc = RankAccumulator()
@@ -91,7 +91,7 @@ def evaluate(
 
 def encode_items_chunked(model: M2SE, feats: ItemFeatures, chunk: int) -> torch.Tensor:
     """model.encode_items, `chunk` items at a time: (M, N + 1, d), row 0 (padding) zero."""
-    n, dev = feats.text.shape[0], feats.text.device
+    n, dev = len(feats), feats.device
     parts = []
     for start in range(0, n, chunk):
         index = torch.arange(start, min(start + chunk, n), device=dev)
@@ -182,19 +182,19 @@ class StageRunner:
         self.optimizer = torch.optim.Adam(
             self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
         )
-        self.generator = torch.Generator(device=feats.text.device).manual_seed(cfg.train.seed)
+        self.generator = torch.Generator(device=feats.device).manual_seed(cfg.train.seed)
         # A large catalogue (train.softmax): steps encode only their items, fine-tuning's softmax
         # runs over in-batch and shared sampled negatives with the log-Q correction.
         sm = cfg.train.softmax
         self.sample = None
         if sm.sampled(data.num_items):
             counts = np.bincount(data.train.targets, minlength=data.num_items + 1)
-            self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.text.device)
+            self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.device)
         self.step: torch.nn.Module = StepLoss(self)
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            dev = feats.text.device
+            dev = feats.device
             # Some parameters get no gradient in some steps (the ID projection when no item lost
             # its row, a modality's tower in a one-modality model): find_unused_parameters.
             self.step = DistributedDataParallel(self.step, device_ids=[dev] if dev.type == "cuda" else None,
@@ -220,7 +220,7 @@ class StageRunner:
         if not state_file.is_file():
             return False
         self.state = json.loads(state_file.read_text())
-        tensors = load_file(str(self.dir / "last.safetensors"), device=str(self.feats.text.device))
+        tensors = load_file(str(self.dir / "last.safetensors"), device=str(self.feats.device))
         load_state(tensors, self.model, self.id_emb)
         for i, p in enumerate(self.params):
             slots = {k.split(".")[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
@@ -231,7 +231,7 @@ class StageRunner:
         return bool(self.state["done"])
 
     def load_best(self) -> None:
-        tensors = load_file(str(self.dir / "best.safetensors"), device=str(self.feats.text.device))
+        tensors = load_file(str(self.dir / "best.safetensors"), device=str(self.feats.device))
         load_state(tensors, self.model, self.id_emb)
 
     # -- training ----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class StageRunner:
         self.model.train()
         if self.id_emb is not None:
             self.id_emb.train()
-        dev = self.feats.text.device
+        dev = self.feats.device
         rng = np.random.default_rng(self.cfg.train.seed * 100_003 + epoch)
         n = len(self.data.train)
         total, count, start = 0.0, 0, time.perf_counter()

@@ -11,6 +11,7 @@ Item index 0 is padding; histories are right-padded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,26 +24,79 @@ MODALITIES = ("text", "image")
 
 @dataclass(frozen=True)
 class ItemFeatures:
-    """Per-item feature slots for the whole catalogue, row 0 being the padding item."""
+    """Per-item feature slots for the whole catalogue, row 0 being the padding item.
 
-    text: Tensor  # (N + 1, S, F)
-    text_mask: Tensor  # (N + 1, S) bool
-    image: Tensor  # (N + 1, V, F)
-    image_mask: Tensor  # (N + 1, V) bool
+    In memory (`rows` None) the tensors hold one row per item. Mapped (`ItemFeatures.mapped`, a
+    catalogue larger than memory): the feature tensors are memory maps of a features file's rows
+    (float32 or float16, on the CPU), `rows` gives each item's row there and `take` reads only
+    the rows a step touches, as float32 on `target`; the whole table is never in memory at once.
+    """
+
+    text: Tensor  # (N + 1, S, F); mapped: (R, S, F), the file's rows
+    text_mask: Tensor  # (N + 1, S) bool; mapped: (R, S)
+    image: Tensor  # (N + 1, V, F); mapped: (R, V, F)
+    image_mask: Tensor  # (N + 1, V) bool; mapped: (R, V)
+    rows: Tensor | None = None  # mapped: (N + 1,) int64 row of each item in the tensors, -1 for padding
+    target: torch.device | None = None  # mapped: where `take` puts its rows
+
+    @classmethod
+    def mapped(cls, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor, rows: Tensor,
+               target: torch.device | str = "cpu") -> ItemFeatures:
+        """Features read on demand: `rows` (N,) the row of each item in the stored tensors."""
+        rows = torch.cat([torch.full((1,), -1, dtype=torch.long), torch.as_tensor(rows, dtype=torch.long)])
+        return cls(text, text_mask, image, image_mask, rows, torch.device(target))
+
+    @property
+    def is_mapped(self) -> bool:
+        return self.rows is not None
+
+    def __len__(self) -> int:
+        """N + 1: the catalogue's items and the padding row."""
+        return int(self.text.shape[0] if self.rows is None else self.rows.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.text.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.device if self.target is None else self.target
 
     def take(self, index: Tensor) -> ItemFeatures:
-        """The rows `index` (n,), in that order: the features of the items a step touches."""
-        return ItemFeatures(*(t[index] for t in (self.text, self.text_mask, self.image, self.image_mask)))
+        """The rows `index` (n,), in that order: the features of the items a step touches
+        (in memory, float32)."""
+        if self.rows is None:
+            return ItemFeatures(*(t[index] for t in (self.text, self.text_mask, self.image, self.image_mask)))
+        rows = self.rows[index.cpu()]
+        padding = rows < 0
+        rows = rows.clamp(min=0)
+        parts = []
+        for feats, mask in ((self.text, self.text_mask), (self.image, self.image_mask)):
+            values = feats[rows].float()
+            values[padding] = 0.0
+            parts += [values.to(self.target), (mask[rows] & ~padding[:, None]).to(self.target)]
+        return ItemFeatures(*parts)
+
+    def materialise(self) -> ItemFeatures:
+        """In memory, float32, one row per item (a mapped catalogue read whole)."""
+        return self if self.rows is None else self.take(torch.arange(len(self)))
 
     def to(self, device: torch.device | str) -> ItemFeatures:
+        if self.rows is not None:
+            return dataclasses.replace(self, target=torch.device(device))
         return ItemFeatures(*(t.to(device) for t in (self.text, self.text_mask, self.image, self.image_mask)))
 
     def modality(self, m: int) -> tuple[Tensor, Tensor]:
+        if self.rows is not None:
+            raise RuntimeError("mapped item features are read through take() or materialise()")
         return (self.text, self.text_mask) if m == 0 else (self.image, self.image_mask)
 
     def present(self) -> tuple[str, ...]:
         """The modalities at least one item has (a text-only catalogue: just "text")."""
-        return tuple(name for m, name in enumerate(MODALITIES) if bool(self.modality(m)[1].any()))
+        masks = (self.text_mask, self.image_mask)
+        if self.rows is not None:
+            masks = tuple(mask[self.rows[1:]] for mask in masks)
+        return tuple(name for name, mask in zip(MODALITIES, masks, strict=True) if bool(mask.any()))
 
 
 class AttentionPool(nn.Module):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mp4sr_train import config as config_lib
 from mp4sr_train.checkpoint import Checkpoint, load_state, save_checkpoint
@@ -15,11 +17,13 @@ from mp4sr_train.config import Config
 from mp4sr_train.data import default_demo_dir, generate_demo, load_or_preprocess
 from mp4sr_train.data.types import SplitData
 from mp4sr_train.distributed import World
-from mp4sr_train.features.store import align, read_features
+from mp4sr_train.features.store import align, map_features, read_features, rows_of
 from mp4sr_train.loop import (
+    EVAL_CHUNK,
     StageResult,
     StageRunner,
     check_or_write_run,
+    encode_items_chunked,
     evaluate,
     evaluate_popularity,
     resolve_device,
@@ -71,16 +75,32 @@ def resolve_inputs(data: Path | None, features: Path | None, device: str = "auto
     return data, resolve_features(data, features, device, progress)
 
 
-def features_digest(feats: ItemFeatures) -> str:
-    """SHA-256 of the feature values: a features file written again with the same values need not
-    have the same bytes (safetensors' metadata order varies), and a run must still be recognised."""
+def features_digest(feats: ItemFeatures, chunk: int = 8192) -> str:
+    """SHA-256 of the feature values (float32, in the dataset's item order), read `chunk` items at a
+    time: a features file written again with the same values need not have the same bytes
+    (safetensors' metadata order varies), and a run must still be recognised, mapped or not."""
     digest = hashlib.sha256()
-    for t in (feats.text, feats.text_mask, feats.image, feats.image_mask):
-        digest.update(t.cpu().numpy().tobytes())
+    n = len(feats)
+    for name in ("text", "text_mask", "image", "image_mask"):
+        for start in range(0, n, chunk):
+            part = feats.take(torch.arange(start, min(start + chunk, n), device=feats.device))
+            digest.update(getattr(part, name).float().cpu().numpy().tobytes() if name in ("text", "image")
+                          else getattr(part, name).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
-def load_item_features(path: Path, data: SplitData, device: torch.device) -> tuple[ItemFeatures, dict]:
+def load_item_features(path: Path, data: SplitData, device: torch.device,
+                       mapped: bool = False) -> tuple[ItemFeatures, dict]:
+    """The features of `data`'s items: in memory as float32, or `mapped` (memory maps of the file,
+    float32 or float16, read by row as steps touch items; for catalogues larger than memory)."""
+    if mapped:
+        arrays = map_features(path)
+        rows = rows_of(arrays, data.item_ids, str(path))
+        with warnings.catch_warnings():  # read-only maps: nothing ever writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            text, image = torch.from_numpy(arrays.text_feats), torch.from_numpy(arrays.image_feats)
+        masks = [torch.from_numpy(np.asarray(m, dtype=bool)) for m in (arrays.text_mask, arrays.image_mask)]
+        return ItemFeatures.mapped(text, masks[0], image, masks[1], torch.from_numpy(rows), device), arrays.meta
     arrays = read_features(path)
     rows = align(arrays, data.item_ids, str(path))
     feats = ItemFeatures(
@@ -122,7 +142,9 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
 
         features_path = default_features_path(data_path)
     out.mkdir(parents=True, exist_ok=True)
-    feats, feat_meta = load_item_features(features_path, split, dev)
+    # The large-catalogue path reads only the items each step touches: its features stay in the file.
+    mapped = cfg.train.softmax.sampled(split.num_items)
+    feats, feat_meta = load_item_features(features_path, split, dev, mapped=mapped)
     features_sha = features_digest(feats)
     cfg, absent = config_lib.present_modalities(cfg, feats.present())
     with world.main_first():
@@ -133,8 +155,8 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
         say(f"distributed: {world.size} processes ({'nccl' if dev.type == 'cuda' else 'gloo'}); "
             f"each trains on 1/{world.size} of every batch")
     say(f"data: {data_path} | {split.num_items} items, {len(split.user_ids)} users, "
-        f"{len(split.train)} training sequences | features {feats.text.shape[-1]}-d "
-        f"({feat_meta.get('encoder', '?')}) | device {dev}")
+        f"{len(split.train)} training sequences | features {feats.dim}-d "
+        f"({feat_meta.get('encoder', '?')}{', memory-mapped' if mapped else ''}) | device {dev}")
     if feat_meta.get("clip_weights", "null") == "null" and feat_meta.get("clip_model", "none") != "none":
         say("note: image features were made with a randomly initialised CLIP tower (no --clip-weights)")
     if absent:
@@ -143,7 +165,7 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
 
     t0 = time.perf_counter()
     popularity = {"valid": evaluate_popularity(split, split.valid), "test": evaluate_popularity(split, split.test)}
-    model = M2SE(cfg.model, feats.text.shape[-1]).to(dev)
+    model = M2SE(cfg.model, feats.dim).to(dev)
     results: dict[str, StageResult] = {}
     if stage in ("all", "pretrain"):
         runner = StageRunner("pretrain", cfg.train.pretrain, cfg, model, None, feats, split,
@@ -175,7 +197,7 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
     test = evaluate(model, feats, split.test, cfg.train.eval_batch_size, id_emb)
     model.eval()
     with torch.inference_mode():
-        z = model.encode_items(feats)
+        z = encode_items_chunked(model, feats, EVAL_CHUNK) if feats.is_mapped else model.encode_items(feats)
     meta = {
         "stage": final,
         "item_ids": list(split.item_ids),

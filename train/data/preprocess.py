@@ -31,8 +31,8 @@ def preprocess(raw: RawData, max_len: int = 50, min_interactions: int = 5) -> Sp
         # Leave-one-out needs a test item, a validation item and one item of history.
         raise UserError(f"min_interactions must be at least 3, got {min_interactions}")
     order = np.argsort(raw.timestamps, kind="stable")  # ties keep file order
-    user_names, user_idx = np.unique(raw.users[order], return_inverse=True)
-    item_names, item_idx = np.unique(raw.items[order], return_inverse=True)
+    user_names, user_idx = _ranks(raw.user_names, raw.user_codes[order])
+    item_names, item_idx = _ranks(raw.item_names, raw.item_codes[order])
     keep = _last_occurrences(user_idx.astype(np.int64) * len(item_names) + item_idx)
     user_idx, item_idx = user_idx[keep], item_idx[keep]
     # One filtering pass, like the reference: dropping users may leave items with few
@@ -53,6 +53,15 @@ def preprocess(raw: RawData, max_len: int = 50, min_interactions: int = 5) -> Sp
         **_leave_one_out(seq, lengths, max_len),
         train_counts=_train_counts(seq, lengths, len(kept_items)),
     )
+
+
+def _ranks(names: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary ``names`` sorted and deduplicated, and the index of each code's name in it.
+
+    The same as ``np.unique(names[codes], return_inverse=True)`` without spelling out every row.
+    """
+    sorted_names, rank = np.unique(names, return_inverse=True)
+    return sorted_names, rank[codes]
 
 
 def _last_occurrences(keys: np.ndarray) -> np.ndarray:
@@ -155,7 +164,7 @@ def load_or_preprocess(
 
 def _summary(item_info: dict[str, ItemInfo], source: str) -> RawData:
     empty = np.array([], dtype=str)
-    return RawData(empty, empty, np.array([], dtype=np.float64), item_info, source)
+    return RawData.from_ids(empty, empty, np.array([], dtype=np.float64), item_info, source)
 
 
 def _cache_key(files: DatasetFiles, max_len: int, min_interactions: int) -> str:

@@ -9,6 +9,10 @@ Three formats, detected from the path (`detect`):
 - RecBole atomic files: ``NAME.inter`` and an optional ``NAME.item``;
 - Amazon 2018 dumps: ``reviews.json[.gz]`` with an optional ``meta.json[.gz]`` and ``images/``.
 
+Interactions are streamed in chunks of CHUNK_ROWS rows (Parquet batch by batch, only its three
+interaction columns); each chunk's ids are interned into integer codes at once, so memory holds
+the code arrays, the two vocabularies and one chunk, never a Python object per row of the file.
+
 Every bad input raises UserError naming the file (and the line or row and field where there is
 one). Input files are only ever opened for reading.
 """
@@ -16,6 +20,7 @@ one). Input files are only ever opened for reading.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ GENERIC_SUFFIXES = (".csv", ".jsonl", ".parquet")
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp")
 AMAZON_FIELDS = ("reviewerID", "asin", "unixReviewTime")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CHUNK_ROWS = 65_536  # interactions read and interned at a time
 
 
 @dataclass(frozen=True)
@@ -169,20 +175,24 @@ def _parquet_interactions(path: Path) -> Iterator[tuple[str, str, float]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    row = 0
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        _column_indices(path, parquet.schema_arrow.names, INTERACTION_FIELDS)
+        batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=list(INTERACTION_FIELDS))
+        for batch in batches:
+            users, items = (batch.column(c).to_pylist() for c in INTERACTION_FIELDS[:2])
+            timestamps = _parquet_timestamps(batch.column("timestamp"))
+            for user, item, ts in zip(users, items, timestamps, strict=True):
+                row += 1
+                at = f"row {row}"
+                yield (
+                    parse_id(user, "user_id", path, at),
+                    parse_id(item, "item_id", path, at),
+                    _timestamp(ts, "timestamp", path, at),
+                )
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    _column_indices(path, table.column_names, INTERACTION_FIELDS)
-    users, items = (table.column(c).to_pylist() for c in INTERACTION_FIELDS[:2])
-    timestamps = _parquet_timestamps(table.column("timestamp"))
-    for row, (user, item, ts) in enumerate(zip(users, items, timestamps, strict=True), start=1):
-        at = f"row {row}"
-        yield (
-            parse_id(user, "user_id", path, at),
-            parse_id(item, "item_id", path, at),
-            _timestamp(ts, "timestamp", path, at),
-        )
 
 
 def _parquet_timestamps(column: Any) -> list[Any]:
@@ -321,20 +331,32 @@ def _amazon_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
 def _raw_data(
     rows: Iterable[tuple[str, str, float]], item_info: dict[str, ItemInfo], path: Path
 ) -> RawData:
-    users, items, timestamps = [], [], []
-    for user, item, ts in rows:
-        users.append(user)
-        items.append(item)
-        timestamps.append(ts)
-    if not users:
+    """Gather ``rows`` CHUNK_ROWS at a time as codes (ids numbered as first seen) and timestamps."""
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    chunks = []
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+        user_codes = _codes([row[0] for row in chunk], users)
+        item_codes = _codes([row[1] for row in chunk], items)
+        chunks.append((user_codes, item_codes, np.array([row[2] for row in chunk], dtype=np.float64)))
+    if not chunks:
         raise UserError(f"{path}: no interactions (empty file)")
+    user_codes, item_codes, timestamps = (np.concatenate(column) for column in zip(*chunks, strict=True))
     return RawData(
-        users=np.array(users, dtype=str),
-        items=np.array(items, dtype=str),
-        timestamps=np.array(timestamps, dtype=np.float64),
+        user_codes=user_codes,
+        item_codes=item_codes,
+        user_names=np.array(list(users), dtype=str),
+        item_names=np.array(list(items), dtype=str),
+        timestamps=timestamps,
         item_info=item_info,
         source=str(path),
     )
+
+
+def _codes(ids: list[str], vocabulary: dict[str, int]) -> np.ndarray:
+    """int32 codes of ``ids``, adding the ids not yet in ``vocabulary`` (id -> code) to it."""
+    return np.fromiter((vocabulary.setdefault(i, len(vocabulary)) for i in ids), np.int32, len(ids))
 
 
 def _column_indices(path: Path, names: list[str], required: tuple[str, ...]) -> list[int]:

@@ -22,13 +22,39 @@ class ItemInfo:
 
 @dataclass(frozen=True)
 class RawData:
-    """Interactions as read, one row per event, plus optional item side information."""
+    """Interactions as read, one row per event, plus optional item side information.
 
-    users: np.ndarray  # str [M]
-    items: np.ndarray  # str [M]
+    Ids are held as integer codes into vocabularies of the distinct ids: row r's user is
+    ``user_names[user_codes[r]]``. `users` and `items` spell each row's id out (4 bytes per
+    character per row): for small data; preprocessing works on the codes.
+    """
+
+    user_codes: np.ndarray  # int [M]
+    item_codes: np.ndarray  # int [M]
+    user_names: np.ndarray  # str [U]: distinct ids, each used by some row, in no set order
+    item_names: np.ndarray  # str [I]
     timestamps: np.ndarray  # float64 [M]
     item_info: dict[str, ItemInfo] = field(default_factory=dict)
     source: str = ""  # human-readable description of where the data came from
+
+    @classmethod
+    def from_ids(cls, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
+                 item_info: dict[str, ItemInfo] | None = None, source: str = "") -> RawData:
+        """From per-row ids (str [M] each); the readers build their codes as they stream."""
+        user_names, user_codes = np.unique(np.asarray(users, dtype=str), return_inverse=True)
+        item_names, item_codes = np.unique(np.asarray(items, dtype=str), return_inverse=True)
+        return cls(user_codes, item_codes, user_names, item_names, np.asarray(timestamps, dtype=np.float64),
+                   item_info or {}, source)
+
+    @property
+    def users(self) -> np.ndarray:
+        """Each row's user id, str [M]."""
+        return self.user_names[self.user_codes]
+
+    @property
+    def items(self) -> np.ndarray:
+        """Each row's item id, str [M]."""
+        return self.item_names[self.item_codes]
 
 
 @dataclass(frozen=True)

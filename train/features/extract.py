@@ -26,7 +26,7 @@ import numpy as np
 from mp4sr_train.data.types import ItemInfo, RawData
 from mp4sr_train.features.cache import FeatureCache, content_key, default_cache_dir
 from mp4sr_train.features.image import PROMPT, Clip, build_vocabulary
-from mp4sr_train.features.store import FeatureArrays, save_features
+from mp4sr_train.features.store import FLOAT_DTYPES, FeatureArrays, save_features
 from mp4sr_train.features.text import TextEncoder
 from tqdm import tqdm
 
@@ -92,14 +92,18 @@ def extract_features(
     device: str = "auto",
     cache_dir: Path | None = None,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> Path:
-    """Load the encoders, extract, write ``out_file`` and log a summary on stderr.
+    """Load the encoders, extract, write ``out_file`` (features as ``dtype``: float32, or float16
+    for half the size) and log a summary on stderr.
 
     ``text_encoder``: a checkpoint directory or a name in the local Hugging Face cache (default:
     the bundled all-MiniLM-L6-v2). ``clip_model``: an open_clip config name or a JSON config file.
     """
     from mp4sr_train.loop import resolve_device
 
+    if dtype not in FLOAT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     if image_tokens < 1 or batch_size < 1:
         raise UserError(
             f"--image-tokens and --batch-size must be >= 1, got {image_tokens} and {batch_size}"
@@ -121,17 +125,17 @@ def extract_features(
                  '"clip_weights": null')
     with FeatureCache(cache_dir or default_cache_dir()) as cache:
         report = extract(raw, Path(out_file), text, clip, cache=cache, image_tokens=image_tokens,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, dtype=dtype)
     _log(report.summary())
     return report.path
 
 
 def extract(
     raw: RawData, out_file: Path, text: TextEncoder, clip: Clip | None, *, cache: FeatureCache,
-    image_tokens: int = 15, batch_size: int = 64, progress: bool = True,
+    image_tokens: int = 15, batch_size: int = 64, progress: bool = True, dtype: str = "float32",
 ) -> Report:
     """The extraction with loaded encoders (``clip`` None: ignore images); tests pass tiny ones."""
-    item_ids = sorted(set(raw.items.tolist()) | set(raw.item_info))
+    item_ids = sorted(set(raw.item_names.tolist()) | set(raw.item_info))
     infos = [raw.item_info.get(item, ItemInfo()) for item in item_ids]
 
     start = time.perf_counter()
@@ -163,7 +167,7 @@ def extract(
     meta["clip_vocabulary_sha256"] = hashlib.sha256(meta["clip_vocabulary"].encode()).hexdigest()
     save_features(out_file, FeatureArrays(
         tuple(item_ids), text_feats, text_mask, image_feats, image_mask, meta
-    ))
+    ), dtype=dtype)
     return Report(
         path=out_file, items=len(item_ids), dim=text.dim,
         text_items=sum(map(bool, sentences)), sentences=sum(map(len, sentences)),
