@@ -161,6 +161,42 @@ def test_output_is_deterministic(tmp_path, tiny_data_dir, bert_dir, clip_config)
     assert runs[0].meta == runs[1].meta
 
 
+def test_the_file_written_in_small_blocks_is_the_one_written_in_one(monkeypatch, tmp_path, tiny_data_dir, text,
+                                                                     clip):
+    """The file is assembled from the cache block by block (flat memory): 7-item blocks give the
+    same tensors as one block, and float16 the same rounded to half."""
+    import mp4sr_train.features.extract as extract_module
+
+    raw = read_dataset(tiny_data_dir)
+    whole = run(raw, tmp_path / "whole.safetensors", text, clip, tmp_path / "cache")[1]
+    monkeypatch.setattr(extract_module, "BLOCK_ITEMS", 7)
+    blocks = run(raw, tmp_path / "blocks.safetensors", text, clip, tmp_path / "cache")[1]
+    with FeatureCache(tmp_path / "cache") as cache:
+        extract(raw, tmp_path / "half.safetensors", text, clip, cache=cache, image_tokens=3, progress=False,
+                dtype="float16")
+    half = read_features(tmp_path / "half.safetensors")
+    assert blocks.item_ids == whole.item_ids and blocks.meta == whole.meta == half.meta
+    for name in ("text_feats", "text_mask", "image_feats", "image_mask"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+        expected = getattr(whole, name)
+        np.testing.assert_array_equal(getattr(half, name), expected.astype(np.float16) if "feats" in name else expected)
+    assert half.text_feats.dtype == np.float16
+
+
+def test_a_block_wise_writer_refuses_blocks_that_do_not_add_up(tmp_path):
+    from mp4sr_train.features.store import write_features_in_blocks
+
+    def blocks(n: int):
+        yield np.zeros((n, 2, 4)), np.ones((n, 2)), np.zeros((n, 1, 4)), np.ones((n, 1))
+
+    for n in (2, 4):
+        with pytest.raises(ValueError, match="expected|more than"):
+            write_features_in_blocks(tmp_path / "f.safetensors", ["a", "b", "c"], (2, 1), 4, {}, blocks(n))
+        assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+    write_features_in_blocks(tmp_path / "f.safetensors", ["a", "b", "c"], (2, 1), 4, {}, blocks(3))
+    assert read_features(tmp_path / "f.safetensors").text_feats.shape == (3, 2, 4)
+
+
 def test_cache_reuses_finished_work_and_recomputes_changed_items(
     tmp_path, tiny_data_dir, text, clip
 ):

@@ -66,6 +66,16 @@ class FeatureCache:
             found.update((k, np.frombuffer(v, dtype=np.float32)) for k, v in rows)
         return found
 
+    def present(self, keys: Iterable[str]) -> set[str]:
+        """The keys that have a vector, without reading the vectors."""
+        keys = list(keys)
+        found: set[str] = set()
+        for start in range(0, len(keys), _QUERY_CHUNK):
+            chunk = keys[start:start + _QUERY_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(k for (k,) in self._db.execute(f"SELECT key FROM vectors WHERE key IN ({marks})", chunk))
+        return found
+
     def put_many(self, vectors: dict[str, np.ndarray]) -> None:
         rows = [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
         with self._db:  # one transaction: all rows or none

@@ -26,7 +26,7 @@ import numpy as np
 from mp4sr_train.data.types import ItemInfo, RawData
 from mp4sr_train.features.cache import FeatureCache, content_key, default_cache_dir
 from mp4sr_train.features.image import PROMPT, Clip, build_vocabulary
-from mp4sr_train.features.store import FLOAT_DTYPES, FeatureArrays, save_features
+from mp4sr_train.features.store import FLOAT_DTYPES, write_features_in_blocks
 from mp4sr_train.features.text import TextEncoder
 from tqdm import tqdm
 
@@ -34,6 +34,7 @@ from mp4sr_rt.errors import UserError
 from mp4sr_rt.raw import MAX_SENTENCES, decode_image, pack_slots, split_sentences, top_words
 
 MAX_IMAGES = 10  # the first 10 listed images of an item are used
+BLOCK_ITEMS = 16_384  # items per block of the features file: its memory while written
 
 
 @dataclass
@@ -140,16 +141,14 @@ def extract(
 
     start = time.perf_counter()
     sentences = [split_sentences(info.sentences) for info in infos]
-    text_vecs, text_new = _embed(text, sentences, cache, batch_size, progress, "text")
+    text_new = _embed(text, sentences, cache, batch_size, progress, "text")
     text_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     described, stats = _describe_images(infos, clip, cache, image_tokens, batch_size, progress)
-    image_vecs, image_new = _embed(text, described, cache, batch_size, progress, "image words")
+    image_new = _embed(text, described, cache, batch_size, progress, "image words")
     image_seconds = time.perf_counter() - start - stats.vocabulary_seconds
 
-    text_feats, text_mask = pack_slots(sentences, text_vecs, text.dim)
-    image_feats, image_mask = pack_slots(described, image_vecs, text.dim)
     meta = {
         "encoder": text.name,
         "encoder_sha256": text.identity,
@@ -165,9 +164,16 @@ def extract(
         "clip_vocabulary": json.dumps(stats.words if clip else []),
     }
     meta["clip_vocabulary_sha256"] = hashlib.sha256(meta["clip_vocabulary"].encode()).hexdigest()
-    save_features(out_file, FeatureArrays(
-        tuple(item_ids), text_feats, text_mask, image_feats, image_mask, meta
-    ), dtype=dtype)
+    # Every vector is in the cache now: the file is assembled from it BLOCK_ITEMS items at a time.
+    slots = tuple(max([len(row) for row in rows] + [1]) for rows in (sentences, described))
+
+    def blocks():
+        for begin in range(0, len(item_ids), BLOCK_ITEMS):
+            parts = [_packed(text, rows[begin:begin + BLOCK_ITEMS], cache, width)
+                     for rows, width in zip((sentences, described), slots, strict=True)]
+            yield (*parts[0], *parts[1])
+
+    write_features_in_blocks(out_file, item_ids, slots, text.dim, meta, blocks(), dtype)
     return Report(
         path=out_file, items=len(item_ids), dim=text.dim,
         text_items=sum(map(bool, sentences)), sentences=sum(map(len, sentences)),
@@ -198,21 +204,32 @@ def default_features_path(
 
 
 def _embed(text: TextEncoder, rows: list[list[str]], cache: FeatureCache, batch_size: int,
-           progress: bool, desc: str) -> tuple[dict[str, np.ndarray], int]:
-    """{sentence: vector} for every sentence in ``rows``, and how many were not cached."""
+           progress: bool, desc: str) -> int:
+    """Put the vector of every sentence in ``rows`` in the cache; returns how many were not there.
+    Each batch is committed as it is computed: a killed run resumes after its last batch."""
     # Sorted: the batches, hence the exact floats, must not depend on hash-randomised set order.
     unique = sorted({s for row in rows for s in row})
     keys = {s: content_key("sentence", text.identity, s) for s in unique}
-    found = cache.get_many(keys.values())
-    vectors = {s: found[k] for s, k in keys.items() if k in found}
-    todo = [s for s in unique if s not in vectors]
+    cached = cache.present(keys.values())
+    todo = [s for s in unique if keys[s] not in cached]
     with tqdm(total=len(todo), desc=desc, unit="sent", disable=not progress or not todo) as bar:
         for index, batch in text.batches(todo, batch_size):
-            new = {todo[i]: v for i, v in zip(index, batch, strict=True)}
-            cache.put_many({keys[s]: v for s, v in new.items()})
-            vectors.update(new)
+            cache.put_many({keys[todo[i]]: v for i, v in zip(index, batch, strict=True)})
             bar.update(len(index))
-    return vectors, len(todo)
+    return len(todo)
+
+
+def _packed(text: TextEncoder, rows: list[list[str]], cache: FeatureCache, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack_slots of `rows` from the cached vectors, `slots` wide: (n, slots, dim), (n, slots)."""
+    keys = {s: content_key("sentence", text.identity, s) for row in rows for s in row}
+    found = cache.get_many(keys.values())
+    missing = [s for s, k in keys.items() if k not in found]
+    if missing:
+        raise UserError(f"the feature cache {cache.path} lost {len(missing)} vector(s) during the extraction "
+                        f"(e.g. {missing[0]!r}); run it again")
+    feats, mask = pack_slots(rows, {s: found[k] for s, k in keys.items()}, text.dim)
+    pad = slots - feats.shape[1]
+    return np.pad(feats, ((0, 0), (0, pad), (0, 0))), np.pad(mask, ((0, 0), (0, pad)))
 
 
 def _describe_images(infos: list[ItemInfo], clip: Clip | None, cache: FeatureCache, n: int,

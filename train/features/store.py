@@ -13,7 +13,7 @@ row by row as training touches its items (the operating system's page cache keep
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,53 @@ def save_features(path: str | Path, arrays: FeatureArrays, dtype: str = "float32
     meta = {**arrays.meta, "schema": SCHEMA, "item_ids": json.dumps(list(arrays.item_ids))}
     meta.setdefault("dim", str(arrays.dim))
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def write_features_in_blocks(
+    path: str | Path, item_ids: Sequence[str], slots: tuple[int, int], dim: int, meta: dict[str, str],
+    blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], dtype: str = "float32",
+) -> None:
+    """Write a features file (the same bytes layout `save_features` reads back) block by block:
+    `blocks` yields (text_feats, text_mask, image_feats, image_mask) for consecutive items, `slots`
+    the (text, image) slot counts. Memory holds one block, whatever the catalogue's size; the file
+    appears complete, by one rename, or not at all."""
+    if dtype not in FLOAT_DTYPES:
+        raise UserError(f"features dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    n, float_type = len(item_ids), np.dtype(FLOAT_DTYPES[dtype])
+    specs = {"text_feats": (float_type, (n, slots[0], dim)), "text_mask": (np.dtype(np.uint8), (n, slots[0])),
+             "image_feats": (float_type, (n, slots[1], dim)), "image_mask": (np.dtype(np.uint8), (n, slots[1]))}
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8"}
+    header: dict[str, object] = {"__metadata__": {**meta, "schema": SCHEMA, "dim": str(dim),
+                                                  "item_ids": json.dumps(list(item_ids))}}
+    offset = 0
+    for name, (kind, shape) in specs.items():
+        size = kind.itemsize * int(np.prod(shape))
+        header[name] = {"dtype": codes[kind], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    start = 8 + len(text)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            f.truncate(start + offset)
+            row = 0
+            for block in blocks:
+                count = len(block[0])
+                if row + count > n:
+                    raise ValueError(f"the blocks hold more than the {n} items")
+                for (name, (kind, shape)), values in zip(specs.items(), block, strict=True):
+                    values = np.ascontiguousarray(values, dtype=kind)
+                    if values.shape != (count, *shape[1:]):
+                        raise ValueError(f"{name} block of shape {values.shape}, expected {(count, *shape[1:])}")
+                    f.seek(start + header[name]["data_offsets"][0] + row * values[:1].nbytes)
+                    f.write(values.tobytes())
+                row += count
+            if row != n:
+                raise ValueError(f"the blocks hold {row} items, expected {n}")
+
+    atomic_write(path, write)
 
 
 def read_features(path: str | Path) -> FeatureArrays:
