@@ -112,13 +112,28 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--full-max", type=int, default=300_000,
                         help="largest catalogue to run the full path on (at 1M items it needs more than 24 GB)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines; the plot goes beside it (.png)")
+    parser.add_argument("--replot", type=Path, default=None,
+                        help="print the table and draw the plot of an earlier --out file, measuring nothing")
     args = parser.parse_args()
+    if args.replot is not None:
+        rows = [json.loads(line) for line in args.replot.read_text().splitlines() if line.strip()]
+        print_table(rows, args)
+        plot(rows, args.replot.with_suffix(".png"))
+        return
     torch.manual_seed(0)
     cfg = config_lib.preset("demo")
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         rows += measure(n, cfg, args)
+    print_table(rows, args)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot(rows, args.out.with_suffix(".png"))
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nbatch {args.batch}, {args.negatives} shared negatives, demo model; peak RSS is the process's so far")
     print(f"{'items':>9} {'stage':<9} {'path':<8} {'step s':>8} {'seq/s':>9} {'peak RSS GB':>12}")
     for r in rows:
@@ -129,9 +144,33 @@ def main() -> None:
                   f"{r['peak_rss_gb']:>12.2f}")
         else:
             print(f"{r['items']:>9} {'evaluate':<9} {r['path']:<8} {r['seconds']:>8.2f} s for {r['users']} users")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Training sequences/s per stage and path, and the evaluation time, against catalogue size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (steps, evals) = plt.subplots(1, 2, figsize=(10, 4))
+    for stage in ("pretrain", "finetune"):
+        for path_name, style in (("full", "--"), ("sampled", "-")):
+            points = [(r["items"], r["sequences_per_s"]) for r in rows
+                      if r["stage"] == stage and r["path"] == path_name and r.get("sequences_per_s")]
+            if points:
+                steps.plot(*zip(*points, strict=True), style, marker="o", label=f"{stage}, {path_name}")
+    steps.set(xscale="log", xlabel="catalogue items", ylabel="training sequences / s", title="training step")
+    steps.legend()
+    points = [(r["items"], r["seconds"]) for r in rows if r["stage"] == "evaluate"]
+    evals.plot(*zip(*points, strict=True), marker="o")
+    evals.set(xscale="log", yscale="log", xlabel="catalogue items", ylabel="seconds",
+              title=f"evaluation, {rows[-1].get('users', '?')} users")
+    for ax in (steps, evals):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
