@@ -95,12 +95,18 @@ def test_pretraining_on_the_steps_items_alone_is_the_same_loss(setup):
     torch.testing.assert_close(touched, full, rtol=1e-6, atol=1e-6)
 
 
-def test_log_q_corrects_by_the_expected_count_of_each_candidate():
+def test_log_q_corrects_by_the_probability_of_each_candidate():
     counts = np.array([0, 6, 2, 0, 2], np.float64)  # targets per item; item 3 never a target
     sample = NegativeSample(counts, 4, "popularity", log_q=True)
     items = torch.tensor([1, 2, 4])
-    expected = 8 * counts[1:][[0, 1, 3]] / 10 + 4 * counts[1:][[0, 1, 3]] / 10
-    torch.testing.assert_close(sample.correction(items, batch=8), torch.log(torch.tensor(expected)).float())
+    p = counts[1:][[0, 1, 3]] / 10
+    drawn = 1 - (1 - p) ** 8 * (1 - p) ** 4  # among 8 targets or 4 shared negatives at least once
+    torch.testing.assert_close(sample.correction(items, batch=8), torch.log(torch.tensor(drawn)).float())
+    # A rare item: the probability is its expected count (the log-Q of Yi et al. 2019).
+    rare = NegativeSample(np.array([0.0] + [1.0] * 100_000), 64, "uniform", log_q=True)
+    expected = 512 * 1e-5 + 64 * 1e-5
+    torch.testing.assert_close(rare.correction(torch.tensor([7]), batch=512),
+                               torch.log(torch.tensor([expected])).float(), rtol=1e-2, atol=0)
     uniform = NegativeSample(counts, 4, "uniform", log_q=True)
     assert torch.all(uniform.draw(torch.Generator().manual_seed(0)) >= 1)
     assert sorted(set(NegativeSample(counts, 400, "popularity", True).draw().tolist())) == [1, 2, 4]

@@ -91,6 +91,9 @@ MODELS = (
     ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
     ablation("ids-dropout-0.5", "ID dropout 0.5", "train.ids.dropout", 0.5),
     ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
+    # The large-catalogue training path forced on a small catalogue, against the exact softmax.
+    ModelSpec("sampled-softmax", "MP4SR, sampled softmax (512 shared uniform negatives, log-Q)", "ablation",
+              pretrain=True, overrides={"train.softmax.kind": "sampled", "train.softmax.negatives": 512}),
 )
 BY_NAME = {spec.name: spec for spec in MODELS}
 

@@ -82,10 +82,13 @@ def touched_items(*tensors: Tensor, extra: Tensor | None = None) -> tuple[Tensor
 
 class NegativeSample:
     """Shared negatives for fine-tuning's sampled softmax, and the log-Q correction: the log of
-    each item's expected count among a step's candidates, B * p_target(j) + S * q(j), where the B
-    targets of the batch act as in-batch negatives for the other histories and the S shared
-    negatives are drawn from q (uniform over the catalogue, or proportional to training-target
-    counts). Mixed negatives as in Yang et al. 2020; log-Q as in Yi et al. 2019."""
+    the probability that item j is among a step's (distinct) candidates,
+    1 - (1 - p_target(j))^B (1 - q(j))^S, where the B targets of the batch act as in-batch
+    negatives for the other histories and the S shared negatives are drawn from q (uniform over
+    the catalogue, or proportional to training-target counts). For rare items that is their
+    expected count B p_target(j) + S q(j) (Yi et al. 2019); for items certain to be drawn it is 1,
+    where the expected count would penalise them for being drawn more than once, which a
+    candidate list without repeats never does. Mixed negatives as in Yang et al. 2020."""
 
     def __init__(self, target_counts: np.ndarray, negatives: int, distribution: str, log_q: bool,
                  device: torch.device | str = "cpu"):
@@ -101,11 +104,12 @@ class NegativeSample:
         return torch.multinomial(self.q.float(), self.negatives, replacement=True, generator=generator)
 
     def correction(self, items: Tensor, batch: int) -> Tensor:
-        """log(expected count) of the candidate items (C,); zeros without log-Q."""
+        """log P(item among the candidates) of the candidate items (C,); zeros without log-Q."""
         if not self.log_q:
             return torch.zeros(len(items), device=items.device)
-        expected = batch * self.p_target[items] + self.negatives * self.q[items]
-        return torch.log(expected.clamp(min=1e-30)).float()
+        # log P(not drawn), in float64: p small, B and S large
+        missed = batch * torch.log1p(-self.p_target[items]) + self.negatives * torch.log1p(-self.q[items])
+        return torch.log(-torch.expm1(missed).clamp(max=-1e-30)).float()
 
 
 def pretrain_loss(
