@@ -32,3 +32,19 @@ def test_popularity_orders_by_count_and_never_ranks_padding():
     s = popularity_scores(np.array([100, 3, 7, 7, 0]))
     assert torch.isneginf(s[0])
     assert s.argsort(descending=True).tolist()[:4] == [2, 3, 1, 4]
+
+
+def test_popularity_ranks_are_those_of_the_full_score_matrix():
+    from mp4sr_train.data.types import Split, SplitData
+    from mp4sr_train.loop import evaluate_popularity
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, 41)  # many equal counts: the index breaks the ties
+    counts[0] = 0
+    targets = rng.integers(1, 41, 300)
+    split = Split(np.zeros((300, 1), dtype=np.int64), targets)
+    data = SplitData(item_ids=tuple(map(str, range(40))), user_ids=(), train=split, valid=split, test=split,
+                     train_counts=counts)
+    matrix = popularity_scores(counts)[None].expand(300, -1)
+    expected = metrics_from_ranks(target_ranks(matrix, torch.as_tensor(targets)).numpy())
+    assert evaluate_popularity(data, split) == expected

@@ -26,7 +26,7 @@ from mp4sr_train.checkpoint import load_state, state_tensors
 from mp4sr_train.config import Config, StageConfig
 from mp4sr_train.data.types import Split, SplitData
 from mp4sr_train.distributed import World
-from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores, target_ranks
+from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss
 from safetensors.torch import load_file, save_file
@@ -126,8 +126,13 @@ def sample_split(split: Split, users: int, seed: int) -> Split:
 
 
 def evaluate_popularity(data: SplitData, split: Split) -> dict[str, float]:
-    scores = popularity_scores(data.train_counts)[None].expand(len(split), -1)
-    return metrics_from_ranks(target_ranks(scores, torch.as_tensor(split.targets)).numpy())
+    """The popularity baseline's metrics. Its scores are one vector, the same for every history
+    and without ties, so each target's rank is its place in that vector's order: O(N) memory,
+    not a (users, items) score matrix."""
+    scores = popularity_scores(data.train_counts).numpy()
+    place = np.empty(len(scores), dtype=np.int64)
+    place[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+    return metrics_from_ranks(place[split.targets])
 
 
 def _batches(split: Split, batch_size: int, rng: np.random.Generator, bucket: int = 32):
