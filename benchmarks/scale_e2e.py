@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,8 @@ def run(spec: str, args: argparse.Namespace) -> dict:
     data, features = generate(directory, items, args)
     generate_s = time.perf_counter() - start
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // procs))}
-    cache = directory / f"cache-{path}-{procs}"
+    cache = directory / "preprocess-cache"
+    shutil.rmtree(cache, ignore_errors=True)  # measured from the CSV, not from an earlier run's cache
     seconds, rss, stdout = timed_process([str(BIN / "python"), "-c", PREPROCESS, str(data), str(cache)], env)
     n_items, n_users, n_train, _ = stdout.split()
     out = directory / f"run-{path}-{procs}"
