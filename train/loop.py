@@ -276,9 +276,9 @@ class StageRunner:
             self.optimizer.step()
             total += float(loss.detach()) * len(tgt)
             count += len(tgt)
-            speed = count / (time.perf_counter() - start)
+            speed = count * self.world.size / (time.perf_counter() - start)  # every rank's sequences
             bar.set_postfix(loss=f"{total / count:.4f}", seq_s=f"{speed:.0f}", refresh=False)
-        return total / max(count, 1), count / (time.perf_counter() - start)
+        return total / max(count, 1), count * self.world.size / (time.perf_counter() - start)
 
     def run(self) -> StageResult:
         self.dir.mkdir(parents=True, exist_ok=True)
