@@ -6,8 +6,11 @@
 # 1. the demo data, 3 seeds, both settings -> docs/results.md
 # 2. the other data configurations (benchmarks/quality_data.py), 1 seed -> docs/results-<config>.md
 # 3. ablations of the fine-tuning defaults on the demo data, 1 seed -> docs/results-ablations.md
+# 4. the large-catalogue training path (sampled softmax) against the full one, 3 seeds, normal
+#    setting -> docs/results-sampled.md
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
-# skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes.
+# skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
+# step 4 about 25.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -33,3 +36,5 @@ bench "$OUT/demo" docs/results.md --models "$BASE" --seeds 3
 done
 bench "$OUT/demo" docs/results-ablations.md --seeds 1 \
   --models mp4sr,ids-paper,ids-scale-1,ids-no-dropout,ids-dropout-0.5,ids-no-projection
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 3 \
+  --models mp4sr,sampled-softmax --report docs/results-sampled.md </dev/null
