@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,20 +78,67 @@ def generate(directory: Path, items: int, args: argparse.Namespace) -> tuple[Pat
     return data, features
 
 
-def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in GB (the largest of the command's processes, from wait4) and the
-    standard output of one command run to its end."""
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Wall seconds; peak RSS in GB (the largest of the command's processes, from wait4), which
+    counts the resident pages of a memory-mapped features file (page cache the kernel reclaims at
+    will); the peak of the anonymous memory of all its processes together (RssAnon, sampled every
+    0.2 s); and the command's standard output."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        anon = AnonSampler(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        peak_anon = anon.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             sys.exit(f"failed ({proc.returncode}): {' '.join(command)}\n{err.read()[-3000:]}")
-        return seconds, usage.ru_maxrss / 2**20, out.read()
+        return seconds, usage.ru_maxrss / 2**20, peak_anon, out.read()
+
+
+class AnonSampler(threading.Thread):
+    """Peak over time of the summed RssAnon (GB) of a process and its descendants."""
+
+    def __init__(self, root: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.every, self.peak, self.done = root, every, 0.0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.peak = max(self.peak, sum(_anon_kb(pid) for pid in _tree(self.root)) / 2**20)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
+def _tree(root: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _anon_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 PREPROCESS = """
@@ -113,20 +161,21 @@ def run(spec: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // procs))}
     cache = directory / "preprocess-cache"
     shutil.rmtree(cache, ignore_errors=True)  # measured from the CSV, not from an earlier run's cache
-    seconds, rss, stdout = timed_process([str(BIN / "python"), "-c", PREPROCESS, str(data), str(cache)], env)
+    seconds, rss, _, stdout = timed_process([str(BIN / "python"), "-c", PREPROCESS, str(data), str(cache)], env)
     n_items, n_users, n_train, _ = stdout.split()
     out = directory / f"run-{path}-{procs}"
     command = [str(BIN / "mp4sr-rt"), "train", "--data", str(data), "--features", str(features), "--out", str(out),
                "--overwrite", "--quiet", "--nproc", str(procs),
                "--set", f'train.softmax.kind="{path}"', "--set", "train.pretrain.epochs=1",
                "--set", "train.finetune.epochs=1", "--set", "train.valid_users=2048"]
-    train_s, train_rss, _ = timed_process(command, env)
+    train_s, train_rss, train_anon, _ = timed_process(command, env)
     metrics = json.loads((out / "metrics.json").read_text())
     return {
         "items": int(n_items), "users": int(n_users), "training_sequences": int(n_train), "path": path,
         "processes": procs, "features_bytes": features.stat().st_size, "features_dtype": args.dtype,
         "generate_s": round(generate_s, 1), "preprocess_s": round(seconds, 1),
         "preprocess_peak_rss_gb": round(rss, 2), "train_s": round(train_s, 1), "train_peak_rss_gb": round(train_rss, 2),
+        "train_peak_anon_gb": round(train_anon, 2),
         **{f"{stage}_sequences_per_s": round(metrics[stage]["sequences_per_second"], 1)
            for stage in ("pretrain", "finetune")},
         "test_ndcg@10": round(metrics["finetune"]["test"]["ndcg@10"], 4),
@@ -155,11 +204,12 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"\n{'items':>8} {'path':<8} {'procs':>5} {'feat GB':>8} {'prep s':>7} {'prep GB':>8} {'train s':>8} "
-          f"{'train GB':>9} {'pre seq/s':>10} {'fine seq/s':>11}")
+          f"{'train GB':>9} {'anon GB':>8} {'pre seq/s':>10} {'fine seq/s':>11}")
     for r in rows:
         print(f"{r['items']:>8} {r['path']:<8} {r['processes']:>5} {r['features_bytes'] / 1e9:>8.2f} "
               f"{r['preprocess_s']:>7.1f} {r['preprocess_peak_rss_gb']:>8.2f} {r['train_s']:>8.1f} "
-              f"{r['train_peak_rss_gb']:>9.2f} {r['pretrain_sequences_per_s']:>10.1f} "
+              f"{r['train_peak_rss_gb']:>9.2f} {r.get('train_peak_anon_gb', float('nan')):>8.2f} "
+              f"{r['pretrain_sequences_per_s']:>10.1f} "
               f"{r['finetune_sequences_per_s']:>11.1f}")
 
 
