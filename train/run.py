@@ -83,9 +83,8 @@ def features_digest(feats: ItemFeatures, chunk: int = 8192) -> str:
     n = len(feats)
     for name in ("text", "text_mask", "image", "image_mask"):
         for start in range(0, n, chunk):
-            part = feats.take(torch.arange(start, min(start + chunk, n), device=feats.device))
-            digest.update(getattr(part, name).float().cpu().numpy().tobytes() if name in ("text", "image")
-                          else getattr(part, name).cpu().numpy().tobytes())
+            part = feats.take(torch.arange(start, min(start + chunk, n), device=feats.device))  # float32
+            digest.update(getattr(part, name).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
