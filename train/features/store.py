@@ -43,27 +43,17 @@ class FeatureArrays:
 
 
 def save_features(path: str | Path, arrays: FeatureArrays, dtype: str = "float32") -> None:
-    """Write `arrays` (features as `dtype`: float32 or float16) atomically."""
-    from safetensors.numpy import save_file
-
-    if dtype not in FLOAT_DTYPES:
-        raise UserError(f"features dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
-    tensors = {
-        "text_feats": np.ascontiguousarray(arrays.text_feats, dtype=FLOAT_DTYPES[dtype]),
-        "text_mask": np.ascontiguousarray(arrays.text_mask, dtype=np.uint8),
-        "image_feats": np.ascontiguousarray(arrays.image_feats, dtype=FLOAT_DTYPES[dtype]),
-        "image_mask": np.ascontiguousarray(arrays.image_mask, dtype=np.uint8),
-    }
-    meta = {**arrays.meta, "schema": SCHEMA, "item_ids": json.dumps(list(arrays.item_ids))}
-    meta.setdefault("dim", str(arrays.dim))
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    """Write `arrays` (features as `dtype`: float32 or float16) atomically: one block."""
+    block = (arrays.text_feats, arrays.text_mask, arrays.image_feats, arrays.image_mask)
+    slots = (arrays.text_feats.shape[1], arrays.image_feats.shape[1])
+    write_features_in_blocks(path, arrays.item_ids, slots, arrays.dim, arrays.meta, [block], dtype)
 
 
 def write_features_in_blocks(
     path: str | Path, item_ids: Sequence[str], slots: tuple[int, int], dim: int, meta: dict[str, str],
     blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], dtype: str = "float32",
 ) -> None:
-    """Write a features file (the same bytes layout `save_features` reads back) block by block:
+    """Write a features file (safetensors, read back by `read_features`) block by block:
     `blocks` yields (text_feats, text_mask, image_feats, image_mask) for consecutive items, `slots`
     the (text, image) slot counts. Memory holds one block, whatever the catalogue's size; the file
     appears complete, by one rename, or not at all."""
@@ -72,8 +62,8 @@ def write_features_in_blocks(
     n, float_type = len(item_ids), np.dtype(FLOAT_DTYPES[dtype])
     specs = {"text_feats": (float_type, (n, slots[0], dim)), "text_mask": (np.dtype(np.uint8), (n, slots[0])),
              "image_feats": (float_type, (n, slots[1], dim)), "image_mask": (np.dtype(np.uint8), (n, slots[1]))}
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8"}
-    header: dict[str, object] = {"__metadata__": {**meta, "schema": SCHEMA, "dim": str(dim),
+    codes = {np.dtype(kind): code for code, kind in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": {"dim": str(dim), **meta, "schema": SCHEMA,
                                                   "item_ids": json.dumps(list(item_ids))}}
     offset = 0
     for name, (kind, shape) in specs.items():
