@@ -79,7 +79,7 @@ def main() -> None:
 
         for size in args.sizes:
             try:
-                name, variants, ckpt = catalogue(size, base, args)
+                name, variants, ckpt = catalogue(size, base, args, emit)
             except UserError as e:  # e.g. an fp16 export refused by the parity gate
                 emit({"catalogue": size, "system": "export", "skipped": str(e)})
                 continue
@@ -137,9 +137,11 @@ def base_checkpoint(run: Path) -> Checkpoint | None:
     return None
 
 
-def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, dict[str, Path], Checkpoint]:
+def catalogue(size: str, base: Checkpoint | None, args,
+              emit: Callable[[dict], None]) -> tuple[str, dict[str, Path], Checkpoint]:
     """(name, artifact directories by system suffix, checkpoint) of one catalogue, exported once
-    into --work: "" the plain export, "-int8" the --int8-scan one."""
+    into --work: "" the plain export, "-int8" the --int8-scan one, "-ann-<kind>" the indexed ones.
+    A variant whose export a gate refuses is reported as skipped; the others still run."""
     precision = ("fp16" if args.fp16 else "fp32") + (f"-block{args.topk_block}" if args.topk_block else "")
     if size == "demo" and base is not None:
         run, name = args.run, "demo"
@@ -158,13 +160,20 @@ def catalogue(size: str, base: Checkpoint | None, args) -> tuple[str, dict[str, 
     for kind in args.ann if size != "demo" else []:
         variants[f"-ann-{kind}"] = work.with_name(f"{work.name}-ann-{kind}-{args.ann_recall}"
                                                   + (f"-k{args.ann_k}" if args.ann_k else "")) / "artifacts"
-    for suffix, artifacts in variants.items():
+    for suffix, artifacts in list(variants.items()):
         if not (artifacts / MANIFEST).is_file():
             t0 = time.perf_counter()
             kind = suffix.removeprefix("-ann-") if suffix.startswith("-ann-") else "none"
-            export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block,
-                   int8_scan=args.int8_scan if suffix == "-int8" else 0, ann=kind, ann_recall=args.ann_recall,
-                   ann_k=args.ann_k)
+            try:
+                export(run, artifacts, fp16=args.fp16, top_k=100, topk_block=args.topk_block,
+                       int8_scan=args.int8_scan if suffix == "-int8" else 0, ann=kind, ann_recall=args.ann_recall,
+                       ann_k=args.ann_k)
+            except UserError as e:  # a gate refused it (parity, recall): nothing was written
+                if not suffix:
+                    raise
+                emit({"catalogue": name, "system": f"runtime-cpu{suffix}", "skipped": str(e)})
+                del variants[suffix]
+                continue
             print(f"{name}{suffix}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return name, variants, load_checkpoint(run / "checkpoint")
 

@@ -27,6 +27,8 @@ from mp4sr_rt.errors import ArtifactError, UserError
 KINDS = ("ivf", "hnsw")
 HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
 HNSW_EF_CONSTRUCTION = 200
+# efSearch steps of the tuning, about x1.5 apart: search time grows about linearly with efSearch.
+HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training vectors per IVF list
 
 
@@ -76,7 +78,7 @@ def search_ladder(kind: str, index, k: int) -> list[dict[str, int]]:
     if kind == "ivf":
         steps = [1 << i for i in range(int(index.nlist).bit_length()) if 1 << i < index.nlist] + [int(index.nlist)]
         return [{"nprobe": p} for p in steps]
-    return [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if ef >= k]
+    return [{"ef_search": ef} for ef in HNSW_EF_SEARCH if ef >= k]
 
 
 def exact_top(table: np.ndarray, users: np.ndarray, k: int, chunk: int = 1 << 16) -> np.ndarray:

@@ -91,6 +91,10 @@ MODELS = (
     ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
     ablation("ids-dropout-0.5", "ID dropout 0.5", "train.ids.dropout", 0.5),
     ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
+    ablation("tau-0.1", "temperature 0.1 (both stages)", "train.tau", 0.1),
+    ablation("tau-0.05", "temperature 0.05 (both stages)", "train.tau", 0.05),
+    ablation("dropout-0.5", "transformer dropout 0.5", "model.dropout", 0.5),
+    ablation("pretrain-30", "pre-training up to 30 epochs", "train.pretrain.epochs", 30),
     # The large-catalogue training path forced on a small catalogue, against the exact softmax.
     ModelSpec("sampled-softmax", "MP4SR, sampled softmax (512 shared uniform negatives, log-Q)", "ablation",
               pretrain=True, overrides={"train.softmax.kind": "sampled", "train.softmax.negatives": 512}),
