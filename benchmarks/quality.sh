@@ -8,9 +8,10 @@
 # 3. ablations of the fine-tuning defaults on the demo data, 1 seed -> docs/results-ablations.md
 # 4. the large-catalogue training path (sampled softmax) against the full one, 3 seeds, normal
 #    setting -> docs/results-sampled.md
+# 5. temperature, dropout and pre-training length, 1 seed, normal setting -> docs/results-ablations-schedule.md
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
-# step 4 about 25.
+# step 4 about 25, step 5 about 30.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -38,3 +39,5 @@ bench "$OUT/demo" docs/results-ablations.md --seeds 1 \
   --models mp4sr,ids-paper,ids-scale-1,ids-no-dropout,ids-dropout-0.5,ids-no-projection
 "$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 3 \
   --models mp4sr,sampled-softmax --report docs/results-sampled.md </dev/null
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
+  --models mp4sr,tau-0.1,dropout-0.5,pretrain-30 --report docs/results-ablations-schedule.md </dev/null

@@ -95,10 +95,10 @@ def exact_top(table: np.ndarray, users: np.ndarray, k: int, chunk: int = 1 << 16
     return np.take_along_axis(p, np.argsort(-s, axis=1, kind="stable")[:, :k], axis=1)
 
 
-def recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean share of each row's exact top k that `found` (rows of positions, -1 padded) holds."""
-    return float(np.mean([len(set(f[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
-                          for f, e in zip(found, exact, strict=True)]))
+def recalls(found: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the share of its exact top k that `found` (rows of positions, -1 padded) holds."""
+    return np.array([len(set(f[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
+                     for f, e in zip(found, exact, strict=True)])
 
 
 class AnnSearch:
