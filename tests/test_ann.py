@@ -212,3 +212,24 @@ def test_catalogue_versions_reach_the_index_of_every_scorer(ivf, tmp_path):
         assert overlap(got, want, 10) >= 0.97
         assert {i for r in got for i in r.items if i.startswith("new")} == \
             {i for r in want for i in r.items if i.startswith("new")} != set()
+
+
+def test_the_gate_holds_the_lower_bound_of_the_recall_not_its_mean(monkeypatch):
+    """A mean at the target from few histories is not enough: the gate uses mean - 2 SE."""
+    from mp4sr_export import ann as export_ann
+
+    from mp4sr_rt import ann
+
+    exact = np.tile(np.arange(10), (100, 1))
+    found = exact.copy()
+    found[0] = np.arange(10, 20)  # one history in 100 misses its whole top 10
+
+    class Search:
+        def search(self, users, pool):
+            return None, found
+
+    monkeypatch.setattr(ann, "exact_top", lambda table, users, k: exact)
+    figures = export_ann.measure(Search(), np.zeros((20, 4), np.float32), np.zeros((100, 4), np.float32), 10)
+    assert figures["recall_at_10"] == pytest.approx(0.99) and figures["recall_at_k"] == pytest.approx(0.99)
+    assert figures["lower"] == pytest.approx(0.99 - 2 * np.sqrt(0.99 * 0.01) / 10)
+    assert figures["lower"] < 0.99
