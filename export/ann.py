@@ -8,7 +8,8 @@ rather than on these alone; the setting is then checked on another set, drawn in
 whose mean recall must reach the target too, and the export fails (nothing written) if either
 misses. Users
 come from the PyTorch model's own forward (parity.reference_users) over random histories of 1 to L
-trained items, the exact top k from the serving table the scorer folds in.
+trained items, the exact top k from the serving table the scorer folds in; recall is that of the
+runtime's answers, the history's own items left out (`measure`).
 """
 
 from __future__ import annotations
@@ -34,16 +35,38 @@ class AnnRecallError(UserError):
     """The index cannot reach the recall asked for: the export is discarded."""
 
 
-def users(ckpt: Checkpoint, seed: int, rows: int = ROWS, batch: int = 256) -> np.ndarray:
+def histories(ckpt: Checkpoint, seed: int, rows: int = ROWS, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(user vectors (rows, M d), item ids (rows, L), 0-padded) of random histories of 1 to L items."""
     rng, n, max_len = np.random.default_rng(seed), len(ckpt.item_ids), ckpt.cfg.model.max_len
-    return np.concatenate([parity.reference_users(ckpt, parity.histories(rng, n, min(batch, rows - start), max_len))
-                           for start in range(0, rows, batch)])
+    starts = range(0, rows, batch)
+    ids = np.concatenate([parity.histories(rng, n, min(batch, rows - start), max_len) for start in starts])
+    users = np.concatenate([parity.reference_users(ckpt, ids[start:start + batch]) for start in starts])
+    return users, ids
 
 
-def measure(index_search: ann.AnnSearch, table: np.ndarray, u: np.ndarray, k: int) -> dict[str, float]:
-    """Mean recall@10 and recall@k, and `lower`: the smaller of their lower bounds (mean - 2 SE)."""
-    exact = ann.exact_top(table, u, k)
-    found = index_search.search(u, k)[1]
+def top_unseen(positions: np.ndarray, seen: list[set[int]], k: int) -> np.ndarray:
+    """Each row's first k positions outside its history (-1 padded), as the runtime answers."""
+    out = np.full((len(positions), k), -1, dtype=np.int64)
+    for r, (row, s) in enumerate(zip(positions, seen, strict=True)):
+        kept = [p for p in row.tolist() if p >= 0 and p not in s][:k]
+        out[r, :len(kept)] = kept
+    return out
+
+
+def measure(index_search: ann.AnnSearch, table: np.ndarray, users: np.ndarray, ids: np.ndarray,
+            k: int) -> dict[str, float]:
+    """Recall of what the runtime returns: per history the index's top k + (its distinct items)
+    candidates, its own items dropped, against the exact top k without them. Mean recall@10 and
+    recall@k, and `lower`: the smaller of their lower bounds (mean - 2 SE over the histories)."""
+    seen = [{int(i) - 1 for i in row if i} for row in ids]  # index positions
+    extra = np.array([len(s) for s in seen])
+    found = np.full((len(users), k), -1, dtype=np.int64)
+    exact = np.full((len(users), k), -1, dtype=np.int64)
+    for e in np.unique(extra):  # one search per pool size, like requests of that history length
+        rows = np.flatnonzero(extra == e)
+        part = [seen[r] for r in rows]
+        found[rows] = top_unseen(index_search.search(users[rows], k + int(e))[1], part, k)
+        exact[rows] = top_unseen(ann.exact_top(table, users[rows], k + int(e)), part, k)
     figures, lower = {}, 1.0
     for name, top in (("recall_at_10", min(10, k)), ("recall_at_k", k)):
         per_row = ann.recalls(found, exact, top)
@@ -59,11 +82,11 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     table = serving_table(serving_inputs(ckpt)).numpy()[1:].astype(np.float32)  # (N, M d), position = index - 1
     index = ann.build(kind, table)
     seconds = time.perf_counter() - start
-    tune, check = users(ckpt, TUNE_SEED), users(ckpt, CHECK_SEED)
+    tune, check = histories(ckpt, TUNE_SEED), histories(ckpt, CHECK_SEED)
     tried = []
     for setting in ann.search_ladder(kind, index, k):
         search = ann.AnnSearch(index, kind, setting)
-        figures = measure(search, table, tune, k)
+        figures = measure(search, table, *tune, k)
         tried.append(f"{setting}: recall@10 {figures['recall_at_10']:.4f}, @{k} {figures['recall_at_k']:.4f} "
                      f"(lower bound {figures['lower']:.4f})")
         if figures["lower"] >= target:
@@ -71,7 +94,7 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     else:
         raise AnnRecallError(f"--ann {kind}: no search setting reaches recall {target} of the exact top {k} "
                              f"(tried {'; '.join(tried)}); nothing written. Lower --ann-recall or use --ann none")
-    held_out = measure(search, table, check, k)
+    held_out = measure(search, table, *check, k)
     del held_out["lower"]
     if min(held_out.values()) < target:
         raise AnnRecallError(f"--ann {kind} {setting}: recall {target} on the histories it was tuned on, but "
@@ -80,5 +103,5 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     log(f"ann: {kind} {ann.build_params(kind, index)}, search {setting}: recall@10 "
         f"{held_out['recall_at_10']:.4f}, recall@{k} {held_out['recall_at_k']:.4f} on held-out histories")
     return {"file": INDEX_FILE, "kind": kind, "params": ann.build_params(kind, index), "search": setting,
-            "target_recall": target, "k": k, **held_out, "tuned_rows": len(tune), "checked_rows": len(check),
+            "target_recall": target, "k": k, **held_out, "tuned_rows": len(tune[0]), "checked_rows": len(check[0]),
             "build_seconds": round(seconds, 3)}

@@ -229,7 +229,30 @@ def test_the_gate_holds_the_lower_bound_of_the_recall_not_its_mean(monkeypatch):
             return None, found
 
     monkeypatch.setattr(ann, "exact_top", lambda table, users, k: exact)
-    figures = export_ann.measure(Search(), np.zeros((20, 4), np.float32), np.zeros((100, 4), np.float32), 10)
+    table, users, no_history = np.zeros((20, 4), np.float32), np.zeros((100, 4), np.float32), np.zeros((100, 5), int)
+    figures = export_ann.measure(Search(), table, users, no_history, 10)
     assert figures["recall_at_10"] == pytest.approx(0.99) and figures["recall_at_k"] == pytest.approx(0.99)
     assert figures["lower"] == pytest.approx(0.99 - 2 * np.sqrt(0.99 * 0.01) / 10)
     assert figures["lower"] < 0.99
+
+
+def test_the_gate_measures_what_the_runtime_returns_history_items_left_out(monkeypatch):
+    """A history's own items are dropped from the index's answer and from the exact one: an index
+    that finds only the exact top k, and not the k + (history length) the runtime asks for, misses."""
+    from mp4sr_export import ann as export_ann
+
+    from mp4sr_rt import ann
+
+    k, ids = 3, np.array([[1, 2, 0], [0, 0, 0]])  # history items at positions 0 and 1; an empty one
+    ranking = np.tile(np.arange(10), (2, 1))  # the exact order of positions, both rows
+
+    class Search:
+        def search(self, users, pool):  # an index that returns only the first 3 of its pool, then -1
+            out = np.full((len(users), pool), -1)
+            out[:, :3] = ranking[: len(users), :3]
+            return None, out
+
+    monkeypatch.setattr(ann, "exact_top", lambda table, users, top: ranking[: len(users), :top])
+    figures = export_ann.measure(Search(), np.zeros((10, 4), np.float32), np.zeros((2, 4), np.float32), ids, k)
+    # Row 0: exact without its items is 2, 3, 4; the index gives 2 of them. Row 1: all 3.
+    assert figures["recall_at_k"] == pytest.approx((1 / 3 + 1) / 2)
