@@ -15,6 +15,7 @@ runtime's answers, the history's own items left out (`measure`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,23 +54,36 @@ def top_unseen(positions: np.ndarray, seen: list[set[int]], k: int) -> np.ndarra
     return out
 
 
-def measure(index_search: ann.AnnSearch, table: np.ndarray, users: np.ndarray, ids: np.ndarray,
-            k: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Probe:
+    """A set of histories and what the exact scan answers for them, computed once per set."""
+
+    users: np.ndarray  # (rows, M d)
+    seen: list[set[int]]  # each history's own items, as index positions
+    groups: dict[int, np.ndarray]  # distinct items per history -> its rows: one search per pool size
+    exact: np.ndarray  # (rows, k) the exact top k without the history's items
+
+
+def probe(table: np.ndarray, users: np.ndarray, ids: np.ndarray, k: int) -> Probe:
+    seen = [{int(i) - 1 for i in row if i} for row in ids]
+    extra = np.array([len(s) for s in seen])
+    groups = {int(e): np.flatnonzero(extra == e) for e in np.unique(extra)}
+    exact = np.full((len(users), k), -1, dtype=np.int64)
+    for e, rows in groups.items():
+        exact[rows] = top_unseen(ann.exact_top(table, users[rows], k + e), [seen[r] for r in rows], k)
+    return Probe(users, seen, groups, exact)
+
+
+def measure(index_search: ann.AnnSearch, probe: Probe, k: int) -> dict[str, float]:
     """Recall of what the runtime returns: per history the index's top k + (its distinct items)
     candidates, its own items dropped, against the exact top k without them. Mean recall@10 and
     recall@k, and `lower`: the smaller of their lower bounds (mean - 2 SE over the histories)."""
-    seen = [{int(i) - 1 for i in row if i} for row in ids]  # index positions
-    extra = np.array([len(s) for s in seen])
-    found = np.full((len(users), k), -1, dtype=np.int64)
-    exact = np.full((len(users), k), -1, dtype=np.int64)
-    for e in np.unique(extra):  # one search per pool size, like requests of that history length
-        rows = np.flatnonzero(extra == e)
-        part = [seen[r] for r in rows]
-        found[rows] = top_unseen(index_search.search(users[rows], k + int(e))[1], part, k)
-        exact[rows] = top_unseen(ann.exact_top(table, users[rows], k + int(e)), part, k)
+    found = np.full(probe.exact.shape, -1, dtype=np.int64)
+    for e, rows in probe.groups.items():  # like requests of that history length
+        found[rows] = top_unseen(index_search.search(probe.users[rows], k + e)[1], [probe.seen[r] for r in rows], k)
     figures, lower = {}, 1.0
     for name, top in (("recall_at_10", min(10, k)), ("recall_at_k", k)):
-        per_row = ann.recalls(found, exact, top)
+        per_row = ann.recalls(found, probe.exact, top)
         figures[name] = float(per_row.mean())
         lower = min(lower, figures[name] - 2 * float(per_row.std()) / np.sqrt(len(per_row)))
     return {**figures, "lower": lower}
@@ -82,11 +96,11 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     table = serving_table(serving_inputs(ckpt)).numpy()[1:].astype(np.float32)  # (N, M d), position = index - 1
     index = ann.build(kind, table)
     seconds = time.perf_counter() - start
-    tune, check = histories(ckpt, TUNE_SEED), histories(ckpt, CHECK_SEED)
+    tune, check = (probe(table, *histories(ckpt, seed), k) for seed in (TUNE_SEED, CHECK_SEED))
     tried = []
     for setting in ann.search_ladder(kind, index, k):
         search = ann.AnnSearch(index, kind, setting)
-        figures = measure(search, table, *tune, k)
+        figures = measure(search, tune, k)
         tried.append(f"{setting}: recall@10 {figures['recall_at_10']:.4f}, @{k} {figures['recall_at_k']:.4f} "
                      f"(lower bound {figures['lower']:.4f})")
         if figures["lower"] >= target:
@@ -94,7 +108,7 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     else:
         raise AnnRecallError(f"--ann {kind}: no search setting reaches recall {target} of the exact top {k} "
                              f"(tried {'; '.join(tried)}); nothing written. Lower --ann-recall or use --ann none")
-    held_out = measure(search, table, *check, k)
+    held_out = measure(search, check, k)
     del held_out["lower"]
     if min(held_out.values()) < target:
         raise AnnRecallError(f"--ann {kind} {setting}: recall {target} on the histories it was tuned on, but "
@@ -103,5 +117,5 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     log(f"ann: {kind} {ann.build_params(kind, index)}, search {setting}: recall@10 "
         f"{held_out['recall_at_10']:.4f}, recall@{k} {held_out['recall_at_k']:.4f} on held-out histories")
     return {"file": INDEX_FILE, "kind": kind, "params": ann.build_params(kind, index), "search": setting,
-            "target_recall": target, "k": k, **held_out, "tuned_rows": len(tune[0]), "checked_rows": len(check[0]),
-            "build_seconds": round(seconds, 3)}
+            "target_recall": target, "k": k, **held_out, "tuned_rows": len(tune.users),
+            "checked_rows": len(check.users), "build_seconds": round(seconds, 3)}

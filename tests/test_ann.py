@@ -230,7 +230,7 @@ def test_the_gate_holds_the_lower_bound_of_the_recall_not_its_mean(monkeypatch):
 
     monkeypatch.setattr(ann, "exact_top", lambda table, users, k: exact)
     table, users, no_history = np.zeros((20, 4), np.float32), np.zeros((100, 4), np.float32), np.zeros((100, 5), int)
-    figures = export_ann.measure(Search(), table, users, no_history, 10)
+    figures = export_ann.measure(Search(), export_ann.probe(table, users, no_history, 10), 10)
     assert figures["recall_at_10"] == pytest.approx(0.99) and figures["recall_at_k"] == pytest.approx(0.99)
     assert figures["lower"] == pytest.approx(0.99 - 2 * np.sqrt(0.99 * 0.01) / 10)
     assert figures["lower"] < 0.99
@@ -253,6 +253,7 @@ def test_the_gate_measures_what_the_runtime_returns_history_items_left_out(monke
             return None, out
 
     monkeypatch.setattr(ann, "exact_top", lambda table, users, top: ranking[: len(users), :top])
-    figures = export_ann.measure(Search(), np.zeros((10, 4), np.float32), np.zeros((2, 4), np.float32), ids, k)
+    table, users = np.zeros((10, 4), np.float32), np.zeros((2, 4), np.float32)
+    figures = export_ann.measure(Search(), export_ann.probe(table, users, ids, k), k)
     # Row 0: exact without its items is 2, 3, 4; the index gives 2 of them. Row 1: all 3.
     assert figures["recall_at_k"] == pytest.approx((1 / 3 + 1) / 2)
