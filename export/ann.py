@@ -6,10 +6,9 @@ vectors of one set of ROWS histories, judged by the lower bound of the set's mea
 2 standard errors over its histories), so that the setting holds on histories it has not seen
 rather than on these alone; the setting is then checked on another set, drawn independently,
 whose mean recall must reach the target too, and the export fails (nothing written) if either
-misses. Users
-come from the PyTorch model's own forward (parity.reference_users) over random histories of 1 to L
-trained items, the exact top k from the serving table the scorer folds in; recall is that of the
-runtime's answers, the history's own items left out (`measure`).
+misses. Users come from the PyTorch model's own forward (parity.reference_users) over random
+histories of 1 to L trained items, the exact top k from the serving table the scorer folds in;
+recall is that of the runtime's answers, the history's own items left out (`measure`).
 """
 
 from __future__ import annotations
