@@ -95,6 +95,9 @@ MODELS = (
     ablation("tau-0.05", "temperature 0.05 (both stages)", "train.tau", 0.05),
     ablation("dropout-0.5", "transformer dropout 0.5", "model.dropout", 0.5),
     ablation("pretrain-30", "pre-training up to 30 epochs", "train.pretrain.epochs", 30),
+    ablation("pretrain-3", "pre-training up to 3 epochs", "train.pretrain.epochs", 3),
+    ModelSpec("finetune-lr-3e-4", "MP4SR, fine-tuning lr 3e-4 for up to 40 epochs", "ablation", pretrain=True,
+              overrides={"train.finetune.lr": 3e-4, "train.finetune.epochs": 40}),
     # The large-catalogue training path forced on a small catalogue, against the exact softmax.
     ModelSpec("sampled-softmax", "MP4SR, sampled softmax (512 shared uniform negatives, log-Q)", "ablation",
               pretrain=True, overrides={"train.softmax.kind": "sampled", "train.softmax.negatives": 512}),

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from mp4sr_train.config import IdConfig, ModelConfig
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mp4sr_train.features.store import MappedPages
 
 MODALITIES = ("text", "image")
 
@@ -38,13 +42,15 @@ class ItemFeatures:
     image_mask: Tensor  # (N + 1, V) bool; mapped: (R, V)
     rows: Tensor | None = None  # mapped: (N + 1,) int64 row of each item in the tensors, -1 for padding
     target: torch.device | None = None  # mapped: where `take` puts its rows
+    pages: MappedPages | None = dataclasses.field(default=None, compare=False)  # mapped: the maps' budget
 
     @classmethod
     def mapped(cls, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor, rows: Tensor,
-               target: torch.device | str = "cpu") -> ItemFeatures:
-        """Features read on demand: `rows` (N,) the row of each item in the stored tensors."""
+               target: torch.device | str = "cpu", pages: MappedPages | None = None) -> ItemFeatures:
+        """Features read on demand: `rows` (N,) the row of each item in the stored tensors;
+        `pages`, when given, is told of every read (it bounds the mapped pages kept resident)."""
         rows = torch.cat([torch.full((1,), -1, dtype=torch.long), torch.as_tensor(rows, dtype=torch.long)])
-        return cls(text, text_mask, image, image_mask, rows, torch.device(target))
+        return cls(text, text_mask, image, image_mask, rows, torch.device(target), pages)
 
     @property
     def is_mapped(self) -> bool:
@@ -72,7 +78,10 @@ class ItemFeatures:
         rows = rows.clamp(min=0)
         parts = []
         for feats, mask in ((self.text, self.text_mask), (self.image, self.image_mask)):
-            values = feats[rows].float()
+            values = feats[rows]
+            if self.pages is not None:
+                self.pages.read(values.nbytes)
+            values = values.float()
             values[padding] = 0.0
             parts += [values.to(self.target), (mask[rows] & ~padding[:, None]).to(self.target)]
         return ItemFeatures(*parts)

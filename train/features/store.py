@@ -7,12 +7,15 @@ An item whose mask row is all zero lacks that modality.
 
 float16 halves the file (1M items x 10 slots x 384 x 2 modalities: 15 GB instead of 30 GB);
 `map_features` memory-maps a file instead of reading it, so a catalogue larger than memory is read
-row by row as training touches its items (the operating system's page cache keeps what is hot).
+row by row as training touches its items (the operating system's page cache keeps what is hot);
+`MappedPages` keeps the pages such a process maps within a budget, so its resident memory does not
+grow with the catalogue.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,28 @@ def map_features(path: str | Path) -> FeatureArrays:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"features file {path}: unreadable ({e})") from None
     return _checked(path, meta, tensors)
+
+
+class MappedPages:
+    """Keeps a process's resident share of memory-mapped files within about `budget` bytes.
+
+    A page read through a map stays mapped, counted in the process's RSS, until the map is
+    closed: reading every row of a 15 GB features file once (an epoch, the table of the test)
+    would make the process as large as the file. After every `budget` bytes read, `read` drops
+    the maps' pages from the process (madvise MADV_DONTNEED); the kernel's page cache still holds
+    them, so the next read of a hot row is a page-table fault, not a disk read."""
+
+    def __init__(self, arrays: Iterable[np.ndarray], budget: int = 512 << 20):
+        self.maps = [a._mmap for a in arrays if isinstance(a, np.memmap) and a._mmap is not None]
+        self.budget, self.since = budget, 0
+
+    def read(self, nbytes: int) -> None:
+        """Count `nbytes` just read through the maps; past the budget, release their pages."""
+        self.since += nbytes
+        if self.since >= self.budget and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
+            for m in self.maps:
+                m.madvise(mmap.MADV_DONTNEED)
+            self.since = 0
 
 
 def _map_tensor(path: Path, entry: dict, data_start: int, size: int) -> np.ndarray:
