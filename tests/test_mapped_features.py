@@ -11,7 +11,7 @@ import pytest
 import torch
 from mp4sr_train import config as config_lib
 from mp4sr_train.data import load_or_preprocess
-from mp4sr_train.features.store import MappedPages, map_features, read_features, save_features
+from mp4sr_train.features.store import RowReader, map_features, read_features, save_features
 from mp4sr_train.loop import evaluate
 from mp4sr_train.model import M2SE, ItemIdEmbedding
 from mp4sr_train.run import features_digest, load_item_features, train
@@ -76,38 +76,32 @@ def _resident_file_kb() -> int:
     pytest.skip("no RssFile in /proc/self/status (not Linux)")
 
 
-@pytest.mark.parametrize("budget", [None, 4 << 20])
-def test_reading_a_whole_mapped_file_keeps_its_resident_pages_within_the_budget(tmp_path, budget):
-    rows, width = 2048, 8192  # 32 MiB of float16 rows
+@pytest.mark.parametrize("order", ["in order", "scattered"])
+def test_rows_read_from_a_mapped_file_are_not_kept_resident_in_the_process(tmp_path, order):
+    rows, width = 8192, 2048  # 32 MiB of float16 rows of 4 KiB
     path = tmp_path / "rows.bin"
     np.arange(rows * width, dtype=np.float16).reshape(rows, width).tofile(path)
     table = np.memmap(path, dtype=np.float16, mode="r", shape=(rows, width))
-    pages = MappedPages([table], budget=budget) if budget else None
+    reader = RowReader(table)
+    if order == "in order":
+        reads = [np.arange(start, start + 64) for start in range(0, rows, 64)]
+    else:  # a row here and there, as a training step's items
+        reads = np.array_split(np.random.default_rng(0).permutation(rows), 64)
     before = _resident_file_kb()
-    for start in range(0, rows, 64):
-        block = table[start:start + 64].copy()
-        if pages:
-            pages.read(block.nbytes)
-    grown = (_resident_file_kb() - before) << 10
-    if budget is None:
-        assert grown > 24 << 20  # unbounded: the whole file stays mapped in
-    else:
-        assert grown < 3 * budget
-        last = np.fromfile(path, dtype=np.float16, count=width, offset=(rows - 1) * width * 2)
-        np.testing.assert_array_equal(table[-1], last)  # a released page reads back the same
+    for index in reads:
+        np.testing.assert_array_equal(reader.read(index), np.fromfile(path, np.float16).reshape(rows, width)[index])
+    assert (_resident_file_kb() - before) << 10 < 1 << 20  # through the reader: nothing stays mapped in
+    for index in reads:
+        table[index].copy()
+    assert (_resident_file_kb() - before) << 10 > 24 << 20  # through the map: the whole file stays
+    with pytest.raises(UserError, match="truncated"):
+        reader.read(np.array([rows]))
 
 
-def test_taking_rows_after_their_pages_were_released_reads_the_same_values(files):
+def test_training_reads_mapped_features_through_row_readers(files):
     paths, data = files
-    memory, _ = load_item_features(paths["float16"], data, torch.device("cpu"))
     mapped, _ = load_item_features(paths["float16"], data, torch.device("cpu"), mapped=True)
-    assert mapped.pages is not None and mapped.pages.maps
-    mapped.pages.budget = 1  # release the maps' pages after every read
-    for index in (torch.arange(len(memory)), torch.tensor([3, 0, 3, data.num_items])):
-        a, b = mapped.take(index), memory.take(index)
-        torch.testing.assert_close(a.text, b.text, rtol=0, atol=0)
-        torch.testing.assert_close(a.image, b.image, rtol=0, atol=0)
-    assert mapped.pages.since == 0
+    assert mapped.readers is not None and all(isinstance(r, RowReader) for r in mapped.readers)
 
 
 def test_float16_features_are_float32_rounded_to_half(files):

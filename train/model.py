@@ -21,7 +21,7 @@ from mp4sr_train.config import IdConfig, ModelConfig
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from mp4sr_train.features.store import MappedPages
+    from mp4sr_train.features.store import RowReader
 
 MODALITIES = ("text", "image")
 
@@ -42,15 +42,17 @@ class ItemFeatures:
     image_mask: Tensor  # (N + 1, V) bool; mapped: (R, V)
     rows: Tensor | None = None  # mapped: (N + 1,) int64 row of each item in the tensors, -1 for padding
     target: torch.device | None = None  # mapped: where `take` puts its rows
-    pages: MappedPages | None = dataclasses.field(default=None, compare=False)  # mapped: the maps' budget
+    readers: tuple[RowReader, RowReader] | None = dataclasses.field(default=None, compare=False)  # mapped
 
     @classmethod
     def mapped(cls, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor, rows: Tensor,
-               target: torch.device | str = "cpu", pages: MappedPages | None = None) -> ItemFeatures:
+               target: torch.device | str = "cpu", readers: tuple[RowReader, RowReader] | None = None,
+               ) -> ItemFeatures:
         """Features read on demand: `rows` (N,) the row of each item in the stored tensors;
-        `pages`, when given, is told of every read (it bounds the mapped pages kept resident)."""
+        `readers`, when given, read the (text, image) rows from the file (features.store.RowReader)
+        instead of indexing the tensors, keeping the process's resident memory flat."""
         rows = torch.cat([torch.full((1,), -1, dtype=torch.long), torch.as_tensor(rows, dtype=torch.long)])
-        return cls(text, text_mask, image, image_mask, rows, torch.device(target), pages)
+        return cls(text, text_mask, image, image_mask, rows, torch.device(target), readers)
 
     @property
     def is_mapped(self) -> bool:
@@ -77,10 +79,8 @@ class ItemFeatures:
         padding = rows < 0
         rows = rows.clamp(min=0)
         parts = []
-        for feats, mask in ((self.text, self.text_mask), (self.image, self.image_mask)):
-            values = feats[rows]
-            if self.pages is not None:
-                self.pages.read(values.nbytes)
+        for m, (feats, mask) in enumerate(((self.text, self.text_mask), (self.image, self.image_mask))):
+            values = feats[rows] if self.readers is None else torch.from_numpy(self.readers[m].read(rows.numpy()))
             values = values.float()
             values[padding] = 0.0
             parts += [values.to(self.target), (mask[rows] & ~padding[:, None]).to(self.target)]

@@ -17,7 +17,7 @@ from mp4sr_train.config import Config
 from mp4sr_train.data import default_demo_dir, generate_demo, load_or_preprocess
 from mp4sr_train.data.types import SplitData
 from mp4sr_train.distributed import World
-from mp4sr_train.features.store import MappedPages, align, map_features, read_features, rows_of
+from mp4sr_train.features.store import RowReader, align, map_features, read_features, rows_of
 from mp4sr_train.loop import (
     EVAL_CHUNK,
     StageResult,
@@ -99,9 +99,10 @@ def load_item_features(path: Path, data: SplitData, device: torch.device,
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             text, image = torch.from_numpy(arrays.text_feats), torch.from_numpy(arrays.image_feats)
         masks = [torch.from_numpy(np.asarray(m, dtype=bool)) for m in (arrays.text_mask, arrays.image_mask)]
-        pages = MappedPages((arrays.text_feats, arrays.image_feats))
-        return (ItemFeatures.mapped(text, masks[0], image, masks[1], torch.from_numpy(rows), device, pages),
-                arrays.meta)
+        tables = (arrays.text_feats, arrays.image_feats)  # memory maps (empty tensors: zeros in memory)
+        readers = tuple(map(RowReader, tables)) if all(isinstance(t, np.memmap) for t in tables) else None
+        feats = ItemFeatures.mapped(text, masks[0], image, masks[1], torch.from_numpy(rows), device, readers)
+        return feats, arrays.meta
     arrays = read_features(path)
     rows = align(arrays, data.item_ids, str(path))
     feats = ItemFeatures(

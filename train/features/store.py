@@ -7,15 +7,16 @@ An item whose mask row is all zero lacks that modality.
 
 float16 halves the file (1M items x 10 slots x 384 x 2 modalities: 15 GB instead of 30 GB);
 `map_features` memory-maps a file instead of reading it, so a catalogue larger than memory is read
-row by row as training touches its items (the operating system's page cache keeps what is hot);
-`MappedPages` keeps the pages such a process maps within a budget, so its resident memory does not
-grow with the catalogue.
+row by row as training touches its items (the operating system's page cache keeps what is hot),
+through `RowReader`, which copies rows out of the page cache rather than mapping them in, so the
+process's resident memory does not grow with the file.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,26 +145,31 @@ def map_features(path: str | Path) -> FeatureArrays:
     return _checked(path, meta, tensors)
 
 
-class MappedPages:
-    """Keeps a process's resident share of memory-mapped files within about `budget` bytes.
+class RowReader:
+    """Rows of one tensor of a features file, read with pread rather than through its map.
 
-    A page read through a map stays mapped, counted in the process's RSS, until the map is
-    closed: reading every row of a 15 GB features file once (an epoch, the table of the test)
-    would make the process as large as the file. After every `budget` bytes read, `read` drops
-    the maps' pages from the process (madvise MADV_DONTNEED); the kernel's page cache still holds
-    them, so the next read of a hot row is a page-table fault, not a disk read."""
+    A page read through a map stays mapped into the process, counted in its RSS, until the map
+    closes, and the page cache's large folios map up to 2 MB around each scattered row: a training
+    step that touches 25k items of a 7.7 GB file maps most of the file into the process. pread
+    copies the rows out of the kernel's page cache instead, which keeps the hot rows as before
+    while the process holds only its copies. On a warm 7.7 GB file 25k rows of 3.84 KB took about
+    100 ms, as long as the map's own gather."""
 
-    def __init__(self, arrays: Iterable[np.ndarray], budget: int = 512 << 20):
-        self.maps = [a._mmap for a in arrays if isinstance(a, np.memmap) and a._mmap is not None]
-        self.budget, self.since = budget, 0
+    def __init__(self, array: np.memmap):
+        self.dtype, self.row_shape = array.dtype, array.shape[1:]
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape))
+        self.offset, self.path = int(array.offset), str(array.filename)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
 
-    def read(self, nbytes: int) -> None:
-        """Count `nbytes` just read through the maps; past the budget, release their pages."""
-        self.since += nbytes
-        if self.since >= self.budget and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
-            for m in self.maps:
-                m.madvise(mmap.MADV_DONTNEED)
-            self.since = 0
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows `rows` (n,), in that order: (n, *row_shape)."""
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        view, size = memoryview(out.reshape(-1).view(np.uint8)), self.row_bytes
+        for j, row in enumerate(np.asarray(rows).tolist()):
+            if os.preadv(self.fd, [view[j * size:(j + 1) * size]], self.offset + row * size) != size:
+                raise UserError(f"features file {self.path}: truncated (row {row} is past its end)")
+        return out
 
 
 def _map_tensor(path: Path, entry: dict, data_start: int, size: int) -> np.ndarray:
