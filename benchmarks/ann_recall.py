@@ -17,11 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from mp4sr_rt.errors import UserError
 from mp4sr_rt.manifest import verify_artifacts
 from mp4sr_rt.scorer import Scorer
 
 
 def main() -> None:
+    try:
+        run()
+    except UserError as e:  # a directory that is not an export, a damaged one: one line, exit 1
+        raise SystemExit(f"error: {e}") from None
+
+
+def run() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts")
     p.add_argument("--histories", type=int, default=2000)
