@@ -87,9 +87,10 @@ def test_rows_read_from_a_mapped_file_are_not_kept_resident_in_the_process(tmp_p
         reads = [np.arange(start, start + 64) for start in range(0, rows, 64)]
     else:  # a row here and there, as a training step's items
         reads = np.array_split(np.random.default_rng(0).permutation(rows), 64)
+    expected = np.fromfile(path, np.float16).reshape(rows, width)
     before = _resident_file_kb()
     for index in reads:
-        np.testing.assert_array_equal(reader.read(index), np.fromfile(path, np.float16).reshape(rows, width)[index])
+        np.testing.assert_array_equal(reader.read(index), expected[index])
     assert (_resident_file_kb() - before) << 10 < 1 << 20  # through the reader: nothing stays mapped in
     for index in reads:
         table[index].copy()

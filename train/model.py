@@ -42,15 +42,16 @@ class ItemFeatures:
     image_mask: Tensor  # (N + 1, V) bool; mapped: (R, V)
     rows: Tensor | None = None  # mapped: (N + 1,) int64 row of each item in the tensors, -1 for padding
     target: torch.device | None = None  # mapped: where `take` puts its rows
-    readers: tuple[RowReader, RowReader] | None = dataclasses.field(default=None, compare=False)  # mapped
+    readers: tuple[RowReader | None, RowReader | None] | None = dataclasses.field(default=None, compare=False)  # mapped
 
     @classmethod
     def mapped(cls, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor, rows: Tensor,
-               target: torch.device | str = "cpu", readers: tuple[RowReader, RowReader] | None = None,
+               target: torch.device | str = "cpu", readers: tuple[RowReader | None, RowReader | None] | None = None,
                ) -> ItemFeatures:
         """Features read on demand: `rows` (N,) the row of each item in the stored tensors;
-        `readers`, when given, read the (text, image) rows from the file (features.store.RowReader)
-        instead of indexing the tensors, keeping the process's resident memory flat."""
+        `readers`, when given, read the (text, image) rows from the file (features.store.RowReader;
+        None for a tensor held in memory) instead of indexing the tensors, keeping the process's
+        resident memory flat."""
         rows = torch.cat([torch.full((1,), -1, dtype=torch.long), torch.as_tensor(rows, dtype=torch.long)])
         return cls(text, text_mask, image, image_mask, rows, torch.device(target), readers)
 
@@ -80,8 +81,8 @@ class ItemFeatures:
         rows = rows.clamp(min=0)
         parts = []
         for m, (feats, mask) in enumerate(((self.text, self.text_mask), (self.image, self.image_mask))):
-            values = feats[rows] if self.readers is None else torch.from_numpy(self.readers[m].read(rows.numpy()))
-            values = values.float()
+            reader = self.readers[m] if self.readers is not None else None
+            values = (feats[rows] if reader is None else torch.from_numpy(reader.read(rows.numpy()))).float()
             values[padding] = 0.0
             parts += [values.to(self.target), (mask[rows] & ~padding[:, None]).to(self.target)]
         return ItemFeatures(*parts)

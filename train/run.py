@@ -99,8 +99,9 @@ def load_item_features(path: Path, data: SplitData, device: torch.device,
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             text, image = torch.from_numpy(arrays.text_feats), torch.from_numpy(arrays.image_feats)
         masks = [torch.from_numpy(np.asarray(m, dtype=bool)) for m in (arrays.text_mask, arrays.image_mask)]
-        tables = (arrays.text_feats, arrays.image_feats)  # memory maps (empty tensors: zeros in memory)
-        readers = tuple(map(RowReader, tables)) if all(isinstance(t, np.memmap) for t in tables) else None
+        # a modality without slots is an empty array in memory, not a map: it is indexed as is
+        tables = (arrays.text_feats, arrays.image_feats)
+        readers = tuple(RowReader(t) if isinstance(t, np.memmap) else None for t in tables)
         feats = ItemFeatures.mapped(text, masks[0], image, masks[1], torch.from_numpy(rows), device, readers)
         return feats, arrays.meta
     arrays = read_features(path)
