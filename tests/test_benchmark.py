@@ -219,3 +219,19 @@ def test_findings_compare_mp4sr_with_each_baseline_by_the_spread():
     assert "recall@10 0.3000 vs 0.2500 (1.20x, one seed: no spread measured)" in one_seed[0]
     assert _findings(summary, "normal", models, shortened=True) == [
         "- Shortened schedule: these figures are not used to rank the models."]
+
+
+def test_every_model_override_names_a_config_key_of_every_preset():
+    from mp4sr_train import config as config_lib
+    from mp4sr_train.benchmark import MODELS
+
+    for name in ("demo", "tiny", "paper"):
+        cfg = config_lib.preset(name)
+        for spec in MODELS:
+            changed = config_lib.replace(cfg, spec.overrides)
+            for dotted, value in spec.overrides.items():
+                node = config_lib.to_dict(changed)
+                for key in dotted.split("."):
+                    node = node[key]
+                expected = tuple(value) if isinstance(value, list) else value  # sequences load as tuples
+                assert node == expected, (name, spec.name, dotted)

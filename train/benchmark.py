@@ -98,6 +98,14 @@ MODELS = (
     ablation("pretrain-3", "pre-training up to 3 epochs", "train.pretrain.epochs", 3),
     ModelSpec("finetune-lr-3e-4", "MP4SR, fine-tuning lr 3e-4 for up to 40 epochs", "ablation", pretrain=True,
               overrides={"train.finetune.lr": 3e-4, "train.finetune.epochs": 40}),
+    # The baselines at the fine-tuning schedule of finetune-lr-3e-4: a schedule change is judged
+    # against baselines given the same schedule.
+    ModelSpec("sasrec-lr-3e-4", "SASRec (item IDs only), lr 3e-4 for up to 40 epochs", "baseline", kind="sasrec",
+              id_only=True,
+              overrides={"train.ids": _PAPER_IDS, "train.finetune.lr": 3e-4, "train.finetune.epochs": 40}),
+    ModelSpec("sasrec-features-lr-3e-4", "SASRecM (IDs + mean-pooled features), lr 3e-4 for up to 40 epochs",
+              "baseline", kind="sasrec-features",
+              overrides={"train.ids": _PAPER_IDS, "train.finetune.lr": 3e-4, "train.finetune.epochs": 40}),
     # The large-catalogue training path forced on a small catalogue, against the exact softmax.
     ModelSpec("sampled-softmax", "MP4SR, sampled softmax (512 shared uniform negatives, log-Q)", "ablation",
               pretrain=True, overrides={"train.softmax.kind": "sampled", "train.softmax.negatives": 512}),

@@ -129,9 +129,9 @@ def benchmark(
         None, help="Features file (safetensors) for the items of --data. Default: extracted as `train` does."
     ),
     models: str = typer.Option(
-        "all", help="Comma-separated models, or all: mp4sr, popularity, sasrec, sasrec-features, "
-        "mp4sr-no-pretrain, no-mixup, no-cmcl, no-nip, text-only, image-only, reference-quirks, pretrain-absent, "
-        "ids-paper, ids-scale-1, ids-no-dropout, ids-dropout-0.5, ids-no-projection, sampled-softmax."
+        "all", help="Comma-separated models, or all. The report's: mp4sr, popularity, sasrec, sasrec-features, "
+        "mp4sr-no-pretrain; the ablations are named in train/benchmark.py MODELS, and an unknown name lists "
+        "every choice."
     ),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0, 1, ...) each model runs with."),
     preset: str = typer.Option("demo", help="Config preset: demo, tiny or paper."),
