@@ -8,10 +8,15 @@
 # 3. ablations of the fine-tuning defaults on the demo data, 1 seed -> docs/results-ablations.md
 # 4. the large-catalogue training path (sampled softmax) against the full one, 3 seeds, normal
 #    setting -> docs/results-sampled.md
-# 5. temperature, dropout and pre-training length, 1 seed, normal setting -> docs/results-ablations-schedule.md
+# 5. temperature, dropout and pre-training length, 1 seed, normal setting -> docs/results-ablations-schedule.md,
+#    docs/results-ablations-pretrain-lr.md
+# 6. the fine-tuning schedule (lr 3e-4 for up to 40 epochs) for MP4SR and for both SASRec baselines:
+#    the demo data, 3 seeds, normal (docs/results-finetune-lr.md) and cold-start
+#    (docs/results-finetune-lr-cold-start.md); the other data configurations, 1 seed, normal
+#    (docs/results-finetune-lr-<config>.md)
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
-# step 4 about 25, step 5 about 30.
+# step 4 about 25, step 5 about 30, step 6 about 2 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -41,3 +46,17 @@ bench "$OUT/demo" docs/results-ablations.md --seeds 1 \
   --models mp4sr,sampled-softmax --report docs/results-sampled.md </dev/null
 "$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
   --models mp4sr,tau-0.1,dropout-0.5,pretrain-30 --report docs/results-ablations-schedule.md </dev/null
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
+  --models mp4sr,pretrain-3,finetune-lr-3e-4 --report docs/results-ablations-pretrain-lr.md </dev/null
+LR=mp4sr,finetune-lr-3e-4,sasrec,sasrec-features,sasrec-lr-3e-4,sasrec-features-lr-3e-4
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings cold-start --seeds 3 \
+  --models mp4sr,finetune-lr-3e-4 --report docs/results-finetune-lr-cold-start.md </dev/null &
+cold=$!
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 3 \
+  --models "$LR" --report docs/results-finetune-lr.md </dev/null
+wait "$cold"
+for name in text-only small-latent; do
+  "$BIN/mp4sr-rt" benchmark --out "$OUT/$name" --quiet --threads 1 --settings normal --seeds 1 --models "$LR" \
+    --data "$OUT/data/$name/data" --features "$OUT/data/$name/features.safetensors" \
+    --report "docs/results-finetune-lr-$name.md" </dev/null
+done
