@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from mp4sr_export.onnx import serving_inputs  # noqa: E402
+from mp4sr_export.onnx import serving_vectors  # noqa: E402
 from mp4sr_export.run import export  # noqa: E402
 from mp4sr_export.wrappers import Scorer as ScorerModule  # noqa: E402
 from mp4sr_train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
@@ -222,7 +222,7 @@ class TorchEager:
 
     def __init__(self, ckpt: Checkpoint, device: str, top_k: int, rewritten: bool = False):
         self.device = device
-        self.module = ScorerModule(ckpt.model, serving_inputs(ckpt), top_k).to(device).eval()
+        self.module = ScorerModule(ckpt.model, *serving_vectors(ckpt), top_k).to(device).eval()
         self.forward = self.module if rewritten else self._model_forward
         self.system = "torch-rewritten" if rewritten else "torch-eager"
         rows = max(1, SCORE_BUDGET // (len(ckpt.item_ids) + 1))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from mp4sr_export import parity
-from mp4sr_export.onnx import serving_inputs
+from mp4sr_export.onnx import serving_vectors
 from mp4sr_train.checkpoint import Checkpoint
 from mp4sr_train.model import serving_table
 
@@ -92,7 +92,7 @@ def build_ann(ckpt: Checkpoint, kind: str, target: float, k: int, staging: Path,
     """Write the index into `staging`; returns its manifest entry. AnnRecallError if the target
     cannot be met on both sets of histories."""
     start = time.perf_counter()
-    table = serving_table(serving_inputs(ckpt)).numpy()[1:].astype(np.float32)  # (N, M d), position = index - 1
+    table = serving_table(serving_vectors(ckpt)[1]).numpy()[1:].astype(np.float32)  # (N, M d), position = index - 1
     index = ann.build(kind, table)
     seconds = time.perf_counter() - start
     tune, check = (probe(table, *histories(ckpt, seed), k) for seed in (TUNE_SEED, CHECK_SEED))

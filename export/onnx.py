@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 from mp4sr_export.wrappers import HistoryEncoder, ImageEncoder, ItemTower, Scorer, SentenceEncoder
 from mp4sr_train.checkpoint import Checkpoint
-from mp4sr_train.model import with_ids
+from mp4sr_train.model import item_vectors
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -45,9 +45,11 @@ class ModelSpec:
         return f"{self.role}.onnx"
 
 
-def serving_inputs(ckpt: Checkpoint) -> Tensor:
-    """Sequence-input (and, normalised, candidate) vectors of the trained catalogue: (2, N + 1, d)."""
-    return with_ids(ckpt.z, ckpt.id_emb(ckpt.z) if ckpt.id_emb is not None else None).detach()
+def serving_vectors(ckpt: Checkpoint) -> tuple[Tensor, Tensor]:
+    """Sequence-input vectors and (normalised by `candidates`) candidate vectors of the trained
+    catalogue: (M, N + 1, d) each (model.item_vectors)."""
+    with torch.no_grad():
+        return item_vectors(ckpt.z, ckpt.id_emb)
 
 
 def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec]:
@@ -69,7 +71,7 @@ def model_specs(ckpt: Checkpoint, k: int, topk_block: int = 0) -> list[ModelSpec
         axes |= {f"{name}_feats": {0: "n", 1: f"{name}_slots"}, f"{name}_mask": {0: "n", 1: f"{name}_slots"}}
     history = (torch.randn(2, length, len(modalities) * model.cfg.d, generator=g), torch.tensor([length, 1]))
     return [
-        ModelSpec("scorer", Scorer(model, serving_inputs(ckpt), k, topk_block), (ids,), ("ids",),
+        ModelSpec("scorer", Scorer(model, *serving_vectors(ckpt), k, topk_block), (ids,), ("ids",),
                   ("scores", "items", "user"), {"ids": {0: "batch", 1: "history"}}),
         ModelSpec("item_tower", ItemTower(model, ckpt.id_emb), tuple(item_feats), tuple(names), ("table", "inputs"),
                   axes),

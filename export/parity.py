@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mp4sr_export.onnx import serving_inputs
+from mp4sr_export.onnx import serving_vectors
 from mp4sr_train.checkpoint import Checkpoint
-from mp4sr_train.model import candidates, concat_modalities, score, serving_table, untrained_inputs, user_vector
+from mp4sr_train.model import candidates, concat_modalities, score, serving_table, untrained_vectors, user_vector
 
 from mp4sr_rt.errors import UserError
 
@@ -90,15 +90,15 @@ def agreement(ref: np.ndarray, got: np.ndarray, top: int) -> dict[str, float]:
 
 def reference_users(ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        h = ckpt.model.encode_history(torch.as_tensor(ids), serving_inputs(ckpt))
+        h = ckpt.model.encode_history(torch.as_tensor(ids), serving_vectors(ckpt)[0])
         return user_vector(h).numpy()
 
 
 def check_scorer(ckpt: Checkpoint, run: Runner, k: int, rng: np.random.Generator) -> dict:
     """With an int8 scan (a `bound` output), only the top 10 of the rows where the bound certifies
     it is compared: the runtime rescans the others in full precision. `certified` is their share."""
-    inputs = serving_inputs(ckpt)
-    cands = candidates(inputs)
+    inputs, outputs = serving_vectors(ckpt)
+    cands = candidates(outputs)
     top = min(TOP, k)
     max_abs, pad_returned, ref_items, got_items, rows = 0.0, False, [], [], 0
     for ids in batches(rng, ckpt):
@@ -134,8 +134,8 @@ def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) ->
         pools.append((m, torch.as_tensor(feeds[f"{name}_feats"]), torch.as_tensor(mask)))
     with torch.no_grad():  # encode_items, on these items' slots
         z = torch.stack([ckpt.model.adaptor[m](ckpt.model.pool_slots(m, x, mask)) for m, x, mask in pools])
-        x = untrained_inputs(z, ckpt.id_emb)
-        ref = {"table": serving_table(x).numpy(), "inputs": concat_modalities(x).numpy()}
+        x, x_out = untrained_vectors(z, ckpt.id_emb)
+        ref = {"table": serving_table(x_out).numpy(), "inputs": concat_modalities(x).numpy()}
     out = run(feeds)
     users = np.concatenate([reference_users(ckpt, ids) for ids in batches(rng, ckpt)])
     top = min(TOP, n)
@@ -145,9 +145,9 @@ def check_item_tower(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) ->
 
 def check_history_encoder(ckpt: Checkpoint, run: Runner, rng: np.random.Generator) -> dict:
     """The scorer's histories given as sequence-input vectors (rows of item_inputs.npy)."""
-    inputs = serving_inputs(ckpt)
+    inputs, outputs = serving_vectors(ckpt)
     rows = concat_modalities(inputs).numpy()  # (N + 1, M d), = item_inputs.npy
-    table = serving_table(inputs).numpy()[1:]  # ranked without the padding item
+    table = serving_table(outputs).numpy()[1:]  # ranked without the padding item
     ref_users, got_users = [], []
     for ids in batches(rng, ckpt):
         out = run({"inputs": rows[ids], "lengths": (ids != 0).sum(1).astype(np.int64)})
@@ -194,8 +194,8 @@ def check_runtime(ckpt: Checkpoint, artifacts: Path, k: int) -> dict:
     from mp4sr_rt.scorer import Scorer
 
     scorer = Scorer(artifacts, backend="cpu", ann=False)  # the exact path: an index has its own gate
-    inputs = serving_inputs(ckpt)
-    cands = candidates(inputs)
+    inputs, outputs = serving_vectors(ckpt)
+    cands = candidates(outputs)
     top = min(TOP, k)
     ref_items, got_items, max_abs, ordered = [], [], 0.0, 0
     for ids in batches(np.random.default_rng(1), ckpt):

@@ -36,7 +36,7 @@ from mp4sr_export.onnx import (
     export_onnx,
     image_size,
     model_specs,
-    serving_inputs,
+    serving_vectors,
 )
 from mp4sr_train.checkpoint import Checkpoint, load_checkpoint
 from mp4sr_train.model import concat_modalities, serving_table
@@ -195,7 +195,7 @@ def write_manifest(manifest: Manifest, directory: Path) -> None:
 def add_int8_scan(path: Path, ckpt: Checkpoint, k: int, candidates: int, fp16: bool) -> None:
     """Rewrite the scorer at `path` to scan the catalogue in int8 (export/int8_scan.py); its
     candidates are rescored against the table in the scorer's own precision."""
-    table = serving_table(serving_inputs(ckpt)).numpy()  # (N + 1, 2d), as the Scorer wrapper folds it
+    table = serving_table(serving_vectors(ckpt)[1]).numpy()  # (N + 1, 2d), as the Scorer wrapper folds it
     model = with_int8_scan(onnx.load(str(path)), table.astype(np.float16 if fp16 else np.float32), k, candidates)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
@@ -285,11 +285,22 @@ def write_extractor_files(text, clip, vocabulary: list[str] | None, features: di
 
 
 def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
-    """items.json (vocabulary, training popularity) and item_inputs.npy (sequence-input vectors)."""
+    """items.json (vocabulary, training popularity), item_inputs.npy (sequence-input vectors) and,
+    for a model whose candidates have ID rows of their own, item_table.npy (the serving table)."""
     vocabulary = {"items": list(ckpt.item_ids), "popularity": [int(c) for c in ckpt.meta["train_counts"][1:]]}
     (staging / "items.json").write_text(json.dumps(vocabulary) + "\n", encoding="utf-8")
-    rows = concat_modalities(serving_inputs(ckpt)).numpy().astype(np.float32)  # (N + 1, M d)
-    np.save(staging / "item_inputs.npy", rows)
+    inputs, outputs = serving_vectors(ckpt)
+    np.save(staging / "item_inputs.npy", concat_modalities(inputs).numpy().astype(np.float32))  # (N + 1, M d)
+    if has_own_table(ckpt):
+        np.save(staging / ITEM_TABLE, serving_table(outputs).numpy().astype(np.float32))
+
+
+ITEM_TABLE = "item_table.npy"
+
+
+def has_own_table(ckpt: Checkpoint) -> bool:
+    """Whether the serving table is not the normalised sequence inputs (untied candidate ID rows)."""
+    return ckpt.id_emb is not None and ckpt.id_emb.untied
 
 
 def build_engines(models: dict, staging: Path, max_batch: int, limits: dict[str, int]) -> dict:
@@ -328,6 +339,7 @@ def build_manifest(ckpt: Checkpoint, run_dir: Path, config: ExportConfig, k: int
         "max_batch": config.max_batch,
         "vocabulary": "items.json",
         "item_inputs": "item_inputs.npy",
+        "item_table": ITEM_TABLE if has_own_table(ckpt) else None,
         "features": Features(features.get("encoder"), ckpt.model.feat_dim, tensorrt.MAX_SLOTS,
                              features.get("values_sha256")),
     }

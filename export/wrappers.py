@@ -1,6 +1,6 @@
 """Tensor-only, positional modules around M2SE: what the ONNX files compute (STYLE 3 and 7).
 
-    Scorer(model, inputs, k)(ids)                         -> scores (B, K), items (B, K), user (B, M d)
+    Scorer(model, inputs, outputs, k)(ids)                -> scores (B, K), items (B, K), user (B, M d)
     ItemTower(model, id_emb)(feats, mask, ...)            -> table (n, M d), inputs (n, M d)
     HistoryEncoder(model)(inputs, lengths)                -> user (B, M d)
     SentenceEncoder(bert, pooling, normalize)(input_ids, attention_mask) -> vectors (B, F)
@@ -17,22 +17,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from mp4sr_train.features.text import pool_tokens
-from mp4sr_train.model import M2SE, ItemIdEmbedding, concat_modalities, serving_table, untrained_inputs, user_vector
+from mp4sr_train.model import M2SE, ItemIdEmbedding, concat_modalities, serving_table, untrained_vectors, user_vector
 from torch import Tensor, nn
 
 
 class Scorer(nn.Module):
     """Item-ID histories -> top-k items over the catalogue folded into the graph.
 
-    `block` > 0: the top k in two stages over blocks of that many items (block_topk)."""
+    `inputs` and `outputs` (M, N + 1, d): the catalogue's sequence-input and candidate-side
+    vectors (model.item_vectors). `block` > 0: the top k in two stages over blocks of that many
+    items (block_topk)."""
 
-    def __init__(self, model: M2SE, inputs: Tensor, k: int, block: int = 0):
+    def __init__(self, model: M2SE, inputs: Tensor, outputs: Tensor, k: int, block: int = 0):
         super().__init__()
         self.model = model
         self.k = k
         self.block = block
         self.register_buffer("inputs", inputs.detach().clone())  # (M, N + 1, d)
-        table = serving_table(inputs)  # (N + 1, M d)
+        table = serving_table(outputs)  # (N + 1, M d)
         # -inf on the padding column, and on the columns that fill the last block, so they can
         # never enter the top k (k <= N); an additive bias rather than an in-place write keeps
         # the graph a plain MatMul + Add + TopK.
@@ -79,7 +81,8 @@ class ItemTower(nn.Module):
     Items unseen in training have no trained ID row (SPEC section 4): their vectors are the
     feature-only z, plus, where the model predicts ID rows from features (`id_emb.project`), that
     prediction, as in training (ItemIdEmbedding): table = [c_text, c_image] normalised per
-    modality, inputs = [x_text, x_image] with x = z (+ predicted ID row)."""
+    modality, inputs = [x_text, x_image] with x = z (+ predicted ID row); c is x, or with untied ID
+    rows z plus the candidate side's predicted row (model.untrained_vectors)."""
 
     def __init__(self, model: M2SE, id_emb: ItemIdEmbedding | None = None):
         super().__init__()
@@ -91,8 +94,8 @@ class ItemTower(nn.Module):
         slots = [(feats, mask), (feats_2, mask_2)][:len(self.model.cfg.modalities)]
         z = torch.stack([self.model.adaptor[m](self.model.pool_slots(m, x, x_mask))
                          for m, (x, x_mask) in enumerate(slots)])  # (M, n, d)
-        x = untrained_inputs(z, self.id_emb)
-        return serving_table(x), concat_modalities(x)
+        x, outputs = untrained_vectors(z, self.id_emb)
+        return serving_table(outputs), concat_modalities(x)
 
 
 class HistoryEncoder(nn.Module):

@@ -191,6 +191,10 @@ class Manifest:
     preprocessing: Preprocessing | None = None
     ann: AnnIndex | None = None
     catalogue: Catalogue | None = None
+    # item_table.npy: the serving table of the trained catalogue, float32 [N + 1, M d], written when
+    # it is not the normalised item_inputs (a model whose candidates have ID rows of their own);
+    # None: the table is item_inputs normalised per modality.
+    item_table: str | None = None
 
     def __post_init__(self) -> None:
         where = MANIFEST
@@ -270,6 +274,8 @@ class Manifest:
     def read_files(self) -> list[tuple[str, str]]:
         """(path, manifest key) of every single file the runtime may read."""
         paths = [(self.vocabulary, "vocabulary"), (self.item_inputs, "item_inputs")]
+        if self.item_table is not None:
+            paths.append((self.item_table, "item_table"))
         for role, model in self.models.items():
             paths.append((model.file, f"models.{role}.file"))
             if model.tensorrt is not None:

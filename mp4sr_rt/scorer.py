@@ -115,6 +115,10 @@ class Scorer:
         # Read on demand: only the added-item and overflow paths touch these.
         self._item_inputs = load_array(self.directory / self.manifest.item_inputs, "float32",
                                        (self.num_base + 1, self.manifest.dim), mmap=True)
+        self._item_table = None  # the table's own file, when the manifest has one (else from _item_inputs)
+        if self.manifest.item_table is not None:
+            self._item_table = load_array(self.directory / self.manifest.item_table, "float32",
+                                          (self.num_base + 1, self.manifest.dim), mmap=True)
         self._table: np.ndarray | None = None
         self._added = _Added()
         self._removed: frozenset[int] = frozenset()
@@ -323,7 +327,10 @@ class Scorer:
         """Serving rows (n, M d) of catalogue indices, trained or added."""
         base = indices <= self.num_base
         rows = np.empty((len(indices), self.manifest.dim), np.float32)
-        rows[base] = serving_rows(np.asarray(self._item_inputs[indices[base]], np.float32), len(self.modalities))
+        if self._item_table is not None:
+            rows[base] = self._item_table[indices[base]]
+        else:
+            rows[base] = serving_rows(np.asarray(self._item_inputs[indices[base]], np.float32), len(self.modalities))
         if not base.all():
             rows[~base] = added.table[indices[~base] - self.num_base - 1]
         return rows
@@ -357,11 +364,14 @@ class Scorer:
         return self._added.ids[index - self.num_base - 1]
 
     def _host_table(self) -> np.ndarray:
-        """The serving table [c_text, c_image] (N + 1, 2d), rebuilt from item_inputs.npy the
-        first time a history needs it (SPEC section 4: c_m = normalize(input_m))."""
+        """The serving table [c_text, c_image] (N + 1, 2d), read the first time a history needs
+        it: item_table.npy where the manifest has one, else rebuilt from item_inputs.npy (SPEC
+        section 4: c_m = normalize(input_m))."""
         if self._table is None:
             with self._write_lock:
-                if self._table is None:
+                if self._table is None and self._item_table is not None:
+                    self._table = np.asarray(self._item_table, dtype=np.float32)
+                elif self._table is None:
                     self._table = serving_rows(np.asarray(self._item_inputs, dtype=np.float32),
                                                len(self.modalities))
         return self._table

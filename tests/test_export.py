@@ -220,7 +220,7 @@ def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, 
     # PyTorch's full ranking on fresh histories.
     import onnxruntime as ort
     import torch
-    from mp4sr_export.onnx import serving_inputs
+    from mp4sr_export.onnx import serving_vectors
     from mp4sr_train.checkpoint import load_checkpoint
     from mp4sr_train.model import candidates, score
 
@@ -228,8 +228,8 @@ def test_fp16_export_replaces_the_previous_one_and_agrees_on_rankings(exported, 
     ids = np.random.default_rng(5).integers(1, 61, size=(400, 8))
     ids[np.arange(8)[None, :] >= np.random.default_rng(6).integers(1, 9, size=400)[:, None]] = 0
     with torch.no_grad():
-        inputs = serving_inputs(ckpt)
-        ref = torch.topk(score(ckpt.model.encode_history(torch.as_tensor(ids), inputs), candidates(inputs)), 10)
+        inputs, outputs = serving_vectors(ckpt)
+        ref = torch.topk(score(ckpt.model.encode_history(torch.as_tensor(ids), inputs), candidates(outputs)), 10)
     _, got, _ = ort.InferenceSession(str(out / "scorer.onnx")).run(None, {"ids": ids})
     overlap = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(ref.indices.numpy(), got, strict=True)])
     top1 = np.mean(ref.indices.numpy()[:, 0] == got[:, 0])
@@ -458,3 +458,50 @@ def test_export_reads_the_run_directory_alone_and_fails_clearly_without_what_it_
         result = cli(run, "--out", tmp_path / "plain", "--top-k", 20, "--no-encoders")
         assert result.exit_code == 0, result.stderr
         assert "text_encoder" not in verify_artifacts(tmp_path / "plain").models
+
+
+def test_candidate_id_rows_of_their_own_ship_the_serving_table(tiny_data_dir, tmp_path):
+    """A model whose candidates have ID rows of their own (`train.ids.candidate_rows` untied): the
+    serving table is not the normalised item_inputs, so the export writes item_table.npy, and the
+    runtime ranks trained and added items with it as PyTorch does."""
+    import torch
+    from mp4sr_export.onnx import serving_vectors
+    from mp4sr_export.run import export
+    from mp4sr_train import config as config_lib
+    from mp4sr_train.checkpoint import load_checkpoint
+    from mp4sr_train.model import serving_table, untrained_vectors, user_vector
+    from mp4sr_train.run import train
+
+    from mp4sr_rt import Scorer
+    from mp4sr_rt.scorer import serving_rows
+
+    cfg = config_lib.replace(config_lib.preset("tiny"), {"train.ids.candidate_rows": "untied"})
+    run, out = tmp_path / "run", tmp_path / "artifacts"
+    train(cfg, tiny_data_dir, tiny_data_dir / "features.safetensors", run, progress=False)
+    manifest = export(run, out, top_k=20)
+    assert manifest.item_table == "item_table.npy" and "item_table.npy" in manifest.files
+    assert manifest.parity["scorer"]["runtime"]["top10_agreement"] == 1.0
+    ckpt = load_checkpoint(run / "checkpoint")
+    inputs, outputs = serving_vectors(ckpt)
+    table = np.load(out / "item_table.npy")
+    np.testing.assert_allclose(table, serving_table(outputs).numpy(), atol=1e-6)
+    assert np.abs(table - serving_rows(np.load(out / "item_inputs.npy"), 2)).max() > 0.1
+
+    scorer = Scorer(out, backend="cpu")
+    rng = np.random.default_rng(0)
+    feats = {"text_feats": rng.standard_normal((2, 3, 12)).astype(np.float32),
+             "image_feats": rng.standard_normal((2, 1, 12)).astype(np.float32)}
+    scorer.add_items(["new-a", "new-b"], **feats)
+    items = ckpt.item_ids
+    [rec] = scorer.score([[items[0], items[1]]], k=62, exclude_seen=False)
+    with torch.no_grad():
+        z = torch.stack([ckpt.model.adaptor[m](ckpt.model.pool_slots(m, torch.as_tensor(feats[f"{name}_feats"]),
+                                                                     torch.ones(2, feats[f"{name}_feats"].shape[1],
+                                                                                dtype=torch.bool)))
+                         for m, name in enumerate(("text", "image"))])
+        new_table = serving_table(untrained_vectors(z, ckpt.id_emb)[1])
+        user = user_vector(ckpt.model.encode_history(torch.tensor([[1, 2]]), inputs))[0]
+        want = torch.cat([serving_table(outputs)[1:] @ user, new_table @ user])
+    order = [items.index(i) if i in items else len(items) + ["new-a", "new-b"].index(i) for i in rec.items]
+    np.testing.assert_allclose(rec.scores, want.numpy()[order], atol=1e-4)
+    assert sorted(order) == list(range(len(items) + 2))

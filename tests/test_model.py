@@ -14,11 +14,11 @@ from mp4sr_train.model import (
     ItemFeatures,
     ItemIdEmbedding,
     candidates,
+    item_vectors,
     score,
     serving_table,
-    untrained_inputs,
+    untrained_vectors,
     user_vector,
-    with_ids,
 )
 from mp4sr_train.tasks import cmcl_loss, finetune_loss, nip_loss, pretrain_loss, random_drop
 
@@ -108,18 +108,22 @@ def test_missing_modality_uses_learned_vector(model, feats):
     assert torch.isfinite(model.encode_items(feats)).all()
 
 
-def test_serving_identity(model, feats):
+@pytest.mark.parametrize("untied", [False, True])
+def test_serving_identity(model, feats, untied):
     known = torch.zeros(N + 1, dtype=torch.bool)
     known[1:20] = True
-    id_emb = ItemIdEmbedding(N, model.cfg.d, known)
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known, candidate_rows="untied" if untied else "tied")
     z = model.encode_items(feats)
-    inputs = with_ids(z, id_emb(z))
+    inputs, outputs = item_vectors(z, id_emb)
     h = model.encode_history(histories(), inputs)
-    direct = score(h, candidates(inputs))
-    served = user_vector(h) @ serving_table(inputs).T
+    direct = score(h, candidates(outputs))
+    served = user_vector(h) @ serving_table(outputs).T
     torch.testing.assert_close(direct[:, 1:], served[:, 1:], atol=1e-5, rtol=1e-5)
     # Unknown (cold) items are scored from features only.
     torch.testing.assert_close(inputs[:, 25], model.encode_items(feats)[:, 25])
+    torch.testing.assert_close(outputs[:, 25], model.encode_items(feats)[:, 25])
+    # Trained items: one row per side when untied, the same row otherwise.
+    assert torch.equal(inputs[:, 1:20], outputs[:, 1:20]) != untied
 
 
 def _grad_names(module: torch.nn.Module) -> set[str]:
@@ -146,6 +150,26 @@ def test_every_parameter_gets_a_gradient_in_finetuning(feats):
     assert id_emb.weight.grad.abs().sum() > 0
 
 
+def test_residual_candidate_rows_start_tied(model, feats):
+    known = torch.ones(N + 1, dtype=torch.bool)
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known, from_features=True, modalities=2, candidate_rows="residual")
+    z = model.encode_items(feats)
+    inputs, outputs = item_vectors(z, id_emb, torch.arange(N + 1) % 3 == 0)  # trained and dropped rows
+    assert torch.equal(inputs, outputs)
+
+
+def test_every_parameter_gets_a_gradient_in_finetuning_with_untied_id_rows(feats):
+    torch.manual_seed(0)
+    model = M2SE(preset("tiny").model, FEAT).train()
+    known = torch.ones(N + 1, dtype=torch.bool)
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known, from_features=True, modalities=2, candidate_rows="untied")
+    cfg = TrainConfig(ids=IdConfig(candidate_rows="untied", dropout=0.5))
+    loss, _ = finetune_loss(model, id_emb, feats, histories(), torch.tensor([4, 9, 13]), cfg,
+                            torch.Generator().manual_seed(0))
+    loss.backward()
+    assert _grad_names(model) == set() and _grad_names(id_emb) == set()
+
+
 def test_id_rows_from_features_fill_untrained_and_dropped_items(model, feats):
     known = torch.zeros(N + 1, dtype=torch.bool)
     known[1:20] = True
@@ -165,9 +189,43 @@ def test_id_rows_from_features_fill_untrained_and_dropped_items(model, feats):
     torch.testing.assert_close(dropped[3], predicted[3])
     torch.testing.assert_close(dropped[4:], rows[4:])
     # New items (the export's item tower) get exactly what untrained catalogue items get.
-    torch.testing.assert_close(untrained_inputs(z, id_emb)[:, 20:], with_ids(z, rows)[:, 20:])
+    new_inputs, new_outputs = untrained_vectors(z, id_emb)
+    torch.testing.assert_close(new_inputs[:, 20:], (z + rows)[:, 20:])
+    assert new_outputs is new_inputs
     plain = ItemIdEmbedding(N, model.cfg.d, known)
-    assert (plain(z)[20:] == 0).all() and untrained_inputs(z, plain) is z
+    assert (plain(z)[20:] == 0).all() and untrained_vectors(z, plain) == (z, z)
+
+
+@pytest.mark.parametrize("rows_kind", ["untied", "residual"])
+def test_untied_id_rows_predict_each_side_for_untrained_and_dropped_items(model, feats, rows_kind):
+    known = torch.zeros(N + 1, dtype=torch.bool)
+    known[1:20] = True
+    torch.manual_seed(0)
+    id_emb = ItemIdEmbedding(N, model.cfg.d, known, from_features=True, modalities=2, candidate_rows=rows_kind)
+    z = model.encode_items(feats)
+    drop = torch.zeros(N + 1, dtype=torch.bool)
+    drop[3] = True
+    with torch.no_grad():
+        inputs, outputs = item_vectors(z, id_emb, drop)
+        new_inputs, new_outputs = untrained_vectors(z, id_emb)
+    if rows_kind == "residual":  # it starts tied: give the differences a value
+        with torch.no_grad():
+            for p in (id_emb.out_weight, id_emb.project_out.weight, id_emb.project_out.bias):
+                p.normal_()
+            inputs, outputs = item_vectors(z, id_emb, drop)
+            new_inputs, new_outputs = untrained_vectors(z, id_emb)
+    out_rows = id_emb.out_weight + (id_emb.weight if rows_kind == "residual" else 0)
+    torch.testing.assert_close(outputs[:, 1:3], z[:, 1:3] + out_rows[1:3])  # trained: the candidate rows
+    torch.testing.assert_close(inputs[:, 1:3], z[:, 1:3] + id_emb.weight[1:3])  # ... and the input rows
+    for got, want in ((inputs, new_inputs), (outputs, new_outputs)):  # dropped and untrained: predicted rows
+        torch.testing.assert_close(got[:, 3], want[:, 3])
+        torch.testing.assert_close(got[:, 20:], want[:, 20:])
+    assert (new_outputs - new_inputs)[:, 20:].abs().sum() > 0  # each side has its own projection
+    # Rows of some items only (the sampled path) are those of the whole catalogue.
+    index = torch.tensor([0, 2, 3, 25])
+    part = item_vectors(z[:, index], id_emb, drop, index=index)
+    for got, whole in zip(part, (inputs, outputs), strict=True):
+        torch.testing.assert_close(got, whole[:, index])
 
 
 def test_id_dropout_trains_the_feature_projection(feats):

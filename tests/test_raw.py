@@ -87,7 +87,7 @@ def torch_rows(ckpt, arrays, rows: list[int], drop: str | None = None) -> np.nda
     """Serving rows of catalogue items as new items, computed by the PyTorch model from the
     features training extracted (features.safetensors), with modality `drop` left out."""
     import torch
-    from mp4sr_train.model import serving_table, untrained_inputs
+    from mp4sr_train.model import serving_table, untrained_vectors
 
     z = []
     for m, name in enumerate(ckpt.cfg.model.modalities):
@@ -97,14 +97,14 @@ def torch_rows(ckpt, arrays, rows: list[int], drop: str | None = None) -> np.nda
             mask = torch.zeros_like(mask)
         z.append(ckpt.model.adaptor[m](ckpt.model.pool_slots(m, x, mask)))
     with torch.no_grad():
-        return serving_table(untrained_inputs(torch.stack(z).detach(), ckpt.id_emb)).numpy()
+        return serving_table(untrained_vectors(torch.stack(z).detach(), ckpt.id_emb)[1]).numpy()
 
 
 def test_add_items_from_raw_data(extractor_artifacts, extractor_run, tiny_data_dir):
     """New items from raw text and images score as the PyTorch model scores the same items from
     the features `mp4sr-rt features` extracted: not the runtime checked against itself."""
     import torch
-    from mp4sr_export.onnx import serving_inputs
+    from mp4sr_export.onnx import serving_vectors
     from mp4sr_train.checkpoint import load_checkpoint
     from mp4sr_train.features.store import read_features
     from mp4sr_train.model import user_vector
@@ -128,7 +128,7 @@ def test_add_items_from_raw_data(extractor_artifacts, extractor_run, tiny_data_d
     everything = runtime.score([history], k=runtime.num_items, exclude_seen=False)[0]
     with torch.no_grad():
         ids = torch.tensor([[runtime._index[i] for i in history]])
-        user = user_vector(ckpt.model.encode_history(ids, serving_inputs(ckpt)))[0].numpy()
+        user = user_vector(ckpt.model.encode_history(ids, serving_vectors(ckpt)[0]))[0].numpy()
     for j, item in enumerate(runtime._added.ids[:len(reference)]):
         assert everything.scores[everything.items.index(item)] == pytest.approx(float(user @ reference[j]), abs=1e-5)
     rec = runtime.score([["new-" + items[0], items[4]]], k=5)[0]

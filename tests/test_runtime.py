@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mp4sr_export.onnx import serving_inputs
+from mp4sr_export.onnx import serving_vectors
 from mp4sr_export.wrappers import HistoryEncoder, ItemTower
 from mp4sr_train.checkpoint import load_checkpoint
 from mp4sr_train.model import serving_table, user_vector
@@ -69,10 +69,10 @@ def reference_top_k(ckpt, item_ids, histories, k, exclude_seen):
     ids = torch.zeros(len(known), max_len, dtype=torch.long)
     for row, h in zip(ids, known, strict=True):
         row[: len(h[-max_len:])] = torch.tensor(h[-max_len:], dtype=torch.long)
-    inputs = serving_inputs(ckpt)
+    inputs, outputs = serving_vectors(ckpt)
     with torch.no_grad():
         user = user_vector(ckpt.model.encode_history(ids, inputs))
-        scores = user @ serving_table(inputs).T  # (B, N + 1)
+        scores = user @ serving_table(outputs).T  # (B, N + 1)
     scores[:, 0] = float("-inf")
     for row, h in zip(scores, known, strict=True):
         if exclude_seen:
@@ -393,10 +393,10 @@ def test_added_items_are_scorable_and_usable_in_histories(tiny_artifacts, ckpt, 
     assert rec.fallback is None and rec.unknown_items == []
     assert not {"new-a", 7, item_ids[4]} & set(rec.items)
     with torch.no_grad():
-        rows = serving_inputs(ckpt)  # (2, N + 1, d); item_ids[4] is row 5
+        rows, outputs = serving_vectors(ckpt)  # (2, N + 1, d) each; item_ids[4] is row 5
         seq = torch.stack([inputs[0], torch.cat([rows[0, 5], rows[1, 5]]), inputs[2]])
         user = HistoryEncoder(ckpt.model)(seq[None], torch.tensor([3]))[0]
-        scores = torch.cat([serving_table(rows)[1:] @ user, table @ user])  # trained, then new
+        scores = torch.cat([serving_table(outputs)[1:] @ user, table @ user])  # trained, then new
     scores[[4, len(item_ids), len(item_ids) + 2]] = float("-inf")  # the history's own items
     np.testing.assert_allclose(rec.scores, torch.topk(scores, 5).values.numpy(), atol=1e-4)
 
@@ -405,7 +405,7 @@ def reference_user(ckpt, histories: list[list[str]]) -> torch.Tensor:
     index = {item: i + 1 for i, item in enumerate(ckpt.item_ids)}
     ids = torch.tensor([[index[i] for i in h] for h in histories])
     with torch.no_grad():
-        return user_vector(ckpt.model.encode_history(ids, serving_inputs(ckpt)))
+        return user_vector(ckpt.model.encode_history(ids, serving_vectors(ckpt)[0]))
 
 
 def test_new_item_is_retrieved(tiny_artifacts, ckpt, item_ids):

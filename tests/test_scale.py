@@ -12,7 +12,7 @@ from mp4sr_train import config as config_lib
 from mp4sr_train.data.types import Split
 from mp4sr_train.loop import chunked_ranks, encode_items_chunked, evaluate, sample_split
 from mp4sr_train.metrics import target_ranks
-from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, item_vectors
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss, sampled_finetune_loss
 
 N, S, F = 50, 3, 12
@@ -119,10 +119,10 @@ def test_block_wise_evaluation_gives_the_full_rankings(setup):
         z = model.encode_items(feats)
         torch.testing.assert_close(encode_items_chunked(model, feats, 7), z)
         full = target_ranks(full_scores(model, feats, ids, id_emb, z), targets)
-        inputs = with_ids(z, id_emb(z))
+        inputs, outputs = item_vectors(z, id_emb)
         for chunk in (1, 7, N + 1):
             h = model.encode_history(ids, inputs)
-            assert torch.equal(chunked_ranks(h, candidates(inputs), targets, chunk), full)
+            assert torch.equal(chunked_ranks(h, candidates(outputs), targets, chunk), full)
     split = Split(ids.numpy(), targets.numpy())
     assert evaluate(model, feats, split, 5, id_emb, chunk=8) == evaluate(model, feats, split, 5, id_emb)
 

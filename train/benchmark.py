@@ -91,6 +91,9 @@ MODELS = (
     ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
     ablation("ids-dropout-0.5", "ID dropout 0.5", "train.ids.dropout", 0.5),
     ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
+    ablation("ids-untied", "candidate ID rows of their own (untied)", "train.ids.candidate_rows", "untied"),
+    ablation("ids-residual", "candidate ID rows = input rows + a learned difference", "train.ids.candidate_rows",
+             "residual"),
     ablation("tau-0.1", "temperature 0.1 (both stages)", "train.tau", 0.1),
     ablation("tau-0.05", "temperature 0.05 (both stages)", "train.tau", 0.05),
     ablation("dropout-0.5", "transformer dropout 0.5", "model.dropout", 0.5),
@@ -241,10 +244,12 @@ def full_catalogue_ids(id_emb: ItemIdEmbedding, kept: np.ndarray, num_items: int
     known = torch.zeros(num_items + 1, dtype=torch.bool, device=rows.device)
     known[rows] = id_emb.known
     full = copy.deepcopy(id_emb)  # the same settings and feature projection, if any
-    full.weight = torch.nn.Parameter(id_emb.weight.new_zeros(num_items + 1, id_emb.weight.shape[1]))
     full.known = known
-    with torch.no_grad():
-        full.weight[rows] = id_emb.weight
+    for name in ("weight", "out_weight") if id_emb.untied else ("weight",):
+        trained = getattr(id_emb, name)
+        setattr(full, name, torch.nn.Parameter(trained.new_zeros(num_items + 1, trained.shape[1])))
+        with torch.no_grad():
+            getattr(full, name)[rows] = trained
     return full
 
 

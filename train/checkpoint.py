@@ -84,6 +84,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
     values = meta["config"]
     if "ids" not in values.get("train", {}):  # written before the ID settings existed: the paper's
         values = {**values, "train": {**values["train"], "ids": dataclasses.asdict(config_lib.PAPER_IDS)}}
+    if "candidate_rows" not in values["train"]["ids"]:  # written before candidate ID rows existed: tied
+        values["train"]["ids"] = {**values["train"]["ids"], "candidate_rows": "tied"}
     cfg = config_lib.from_dict(values)
     model = M2SE(cfg.model, meta["feat_dim"])
     try:

@@ -73,6 +73,9 @@ class StageConfig:
                weight_decay=(0, 10, False), patience=(1, None, True), grad_clip=(1e-12, None, False))
 
 
+CANDIDATE_ROWS = ("tied", "untied", "residual")
+
+
 @dataclass(frozen=True)
 class IdConfig:
     """Fine-tuning's item-ID embedding (SPEC section 4); pre-training has none."""
@@ -88,9 +91,15 @@ class IdConfig:
     # Items without an ID row (dropped ones, and those never seen in training) get a row predicted
     # from their feature vectors rather than none (ItemIdEmbedding).
     from_features: bool = True
+    # tied: an item's ID row is the same as a history input and as a candidate (the paper);
+    # untied: candidates have rows of their own; residual: the input row plus a learned difference
+    # that starts at zero (ItemIdEmbedding).
+    candidate_rows: str = "tied"
 
     def __post_init__(self) -> None:
         _check(self, init_std=(0, 10, False), scale=(1e-6, 1e6, False), dropout=(0, 0.99, False))
+        if self.candidate_rows not in CANDIDATE_ROWS:
+            raise UserError(f"candidate_rows: expected one of {', '.join(CANDIDATE_ROWS)}, got {self.candidate_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ class SoftmaxConfig:
         return self.kind == "sampled" or (self.kind == "auto" and num_items > self.auto_above)
 
 
-PAPER_IDS = IdConfig(scale=1.0, dropout=0.0, from_features=False)  # SPEC section 4, `--preset paper`
+# SPEC section 4, `--preset paper`
+PAPER_IDS = IdConfig(scale=1.0, dropout=0.0, from_features=False, candidate_rows="tied")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from mp4sr_train.config import Config, StageConfig
 from mp4sr_train.data.types import Split, SplitData
 from mp4sr_train.distributed import World
 from mp4sr_train.metrics import RankAccumulator, metrics_from_ranks, popularity_scores
-from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, with_ids
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, item_vectors
 from mp4sr_train.tasks import NegativeSample, finetune_loss, full_scores, pretrain_loss
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -74,8 +74,8 @@ def evaluate(
     z = encode_items_chunked(model, feats, chunk) if blocks else model.encode_items(feats)
     cands = None
     if blocks:
-        inputs = with_ids(z, None if id_emb is None else id_emb(z))
-        cands = candidates(inputs)
+        inputs, outputs = item_vectors(z, id_emb)
+        cands = candidates(outputs)
     acc = RankAccumulator()
     for start in range(0, len(split), batch_size):
         hist = split.histories[start : start + batch_size]

@@ -2,9 +2,9 @@
 
 Serving split (SPEC section 4):
     z = model.encode_items(feats)                     # (M, N + 1, d): per-modality item vectors
-    inputs = with_ids(z, id_emb(z))                   # fine-tuned models add item-ID rows
+    inputs, outputs = item_vectors(z, id_emb)         # fine-tuned models add item-ID rows
     h = model.encode_history(ids, inputs)             # (M, B, d): user vector per modality
-    scores = score(h, candidates(inputs))             # (B, N + 1): cos(text) + cos(image)
+    scores = score(h, candidates(outputs))            # (B, N + 1): cos(text) + cos(image)
 M = len(cfg.modalities): 2 (text, then image) except in single-modality ablations.
 Item index 0 is padding; histories are right-padded.
 """
@@ -288,55 +288,88 @@ class ItemIdEmbedding(nn.Module):
     An item without a trained row (never seen in training, or dropped in this step: see
     `finetune_loss`) gets zero, as in the paper, or with `from_features` an ID-like row predicted
     from its feature vectors, `project([z_text, z_image])`: the model then learns to rank such
-    items among trained ones, and items added after training (cold start) get the same."""
+    items among trained ones, and items added after training (cold start) get the same.
+
+    `candidate_rows` (IdConfig): "tied", an item's ID row is the same as a history input and as a
+    candidate (the paper); "untied", the candidate side has rows of its own (`out_weight`, and
+    `project_out` for the predicted ones), as the input and output embeddings of a language model
+    can; "residual", the candidate row is the input row plus a learned difference that starts at
+    zero (tied at the start, untied where training moves it)."""
 
     def __init__(self, num_items: int, d: int, known: Tensor, init_std: float = 0.02,
-                 from_features: bool = False, modalities: int = 2, scale: float = 1.0):
+                 from_features: bool = False, modalities: int = 2, scale: float = 1.0,
+                 candidate_rows: str = "tied"):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items + 1, d) * init_std)
         self.scale = scale
         # Items never seen in training (and padding) have no trained ID row.
         self.register_buffer("known", known.bool().clone(), persistent=True)
         self.project = nn.Linear(modalities * d, d) if from_features else None
+        self.residual = candidate_rows == "residual"
+        self.out_weight = self.project_out = None
+        if candidate_rows != "tied":
+            self.out_weight = nn.Parameter(torch.zeros(num_items + 1, d) if self.residual
+                                           else torch.randn(num_items + 1, d) * init_std)
+            self.project_out = nn.Linear(modalities * d, d) if from_features else None
+            if self.residual and self.project_out is not None:
+                nn.init.zeros_(self.project_out.weight)
+                nn.init.zeros_(self.project_out.bias)
 
     @classmethod
     def create(cls, ids: IdConfig, num_items: int, d: int, known: Tensor, modalities: int) -> ItemIdEmbedding:
-        return cls(num_items, d, known, ids.init_std, ids.from_features, modalities, ids.scale)
+        return cls(num_items, d, known, ids.init_std, ids.from_features, modalities, ids.scale, ids.candidate_rows)
 
-    def forward(self, z: Tensor, drop: Tensor | None = None) -> Tensor:
+    @property
+    def untied(self) -> bool:
+        """Whether candidates have ID rows of their own (candidate_rows "untied" or "residual")."""
+        return self.out_weight is not None
+
+    def forward(self, z: Tensor, drop: Tensor | None = None, candidate: bool = False) -> Tensor:
         """ID rows (N + 1, d) for the item vectors z (M, N + 1, d); `drop` (N + 1,) bool marks
-        trained rows to treat as missing. Row 0 (padding) is zero."""
-        have = self.known if drop is None else self.known & ~drop
-        rows = self.weight * (self.scale * have[:, None])
-        if self.project is not None:
-            rows = torch.where(have[:, None], rows, self.from_features(z))
-        return rows.index_fill(0, torch.zeros(1, dtype=torch.long, device=rows.device), 0.0)
+        trained rows to treat as missing; `candidate`: the candidate side's rows (the same as the
+        inputs' unless untied). Row 0 (padding) is zero."""
+        return self.rows(torch.arange(len(self.known), device=z.device), z, drop, candidate)
 
-    def rows(self, index: Tensor, z: Tensor, drop: Tensor | None = None) -> Tensor:
+    def rows(self, index: Tensor, z: Tensor, drop: Tensor | None = None, candidate: bool = False) -> Tensor:
         """forward() restricted to the items `index` (n,), z their item vectors (M, n, d): their
         ID rows (n, d), padding (index 0) zero; `drop` (N + 1,) as in forward()."""
         have = self.known[index] if drop is None else self.known[index] & ~drop[index]
-        rows = self.weight[index] * (self.scale * have[:, None])
+        rows = self.weight[index]
+        if candidate and self.untied:
+            rows = rows + self.out_weight[index] if self.residual else self.out_weight[index]
+        rows = rows * (self.scale * have[:, None])
         if self.project is not None:
-            rows = torch.where(have[:, None], rows, self.from_features(z))
+            rows = torch.where(have[:, None], rows, self.from_features(z, candidate))
         return rows.masked_fill((index == 0)[:, None], 0.0)
 
-    def from_features(self, z: Tensor) -> Tensor:
+    def from_features(self, z: Tensor, candidate: bool = False) -> Tensor:
         """ID-like rows predicted from item vectors z (M, n, d) -> (n, d); `from_features` only."""
-        return self.project(z.permute(1, 0, 2).flatten(1))
+        x = z.permute(1, 0, 2).flatten(1)
+        if not (candidate and self.untied):
+            return self.project(x)
+        return self.project(x) + self.project_out(x) if self.residual else self.project_out(x)
 
 
-def untrained_inputs(z: Tensor, id_emb: ItemIdEmbedding | None) -> Tensor:
-    """Sequence-input vectors (M, n, d) of items without a trained ID row (new items), from their
-    item vectors z (M, n, d): z itself, plus the predicted ID row where the model has one."""
+def item_vectors(z: Tensor, id_emb: ItemIdEmbedding | None, drop: Tensor | None = None,
+                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(inputs, outputs) of the items whose feature vectors are z (M, n, d): their sequence-input
+    vectors and their candidate-side vectors (normalised by `candidates`), z plus the ID rows of
+    either side; one tensor twice unless the ID embedding is untied. `index` (n,): the items' ids
+    when z holds some items only (default: z is the whole catalogue); `drop` as ItemIdEmbedding."""
+    if id_emb is None:
+        return z, z
+    index = torch.arange(z.shape[1], device=z.device) if index is None else index
+    inputs = z + id_emb.rows(index, z, drop)
+    return inputs, (z + id_emb.rows(index, z, drop, candidate=True)) if id_emb.untied else inputs
+
+
+def untrained_vectors(z: Tensor, id_emb: ItemIdEmbedding | None) -> tuple[Tensor, Tensor]:
+    """item_vectors of items without a trained ID row (new items), from their item vectors z
+    (M, n, d): z itself, plus the predicted ID rows of either side where the model has them."""
     if id_emb is None or id_emb.project is None:
-        return z
-    return z + id_emb.from_features(z)
-
-
-def with_ids(z: Tensor, id_rows: Tensor | None) -> Tensor:
-    """Sequence-input and candidate vectors: z (M, N + 1, d) plus the ID rows (N + 1, d) if any."""
-    return z if id_rows is None else z + id_rows
+        return z, z
+    inputs = z + id_emb.from_features(z)
+    return inputs, (z + id_emb.from_features(z, candidate=True)) if id_emb.untied else inputs
 
 
 def candidates(inputs: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from mp4sr_train.config import TrainConfig
 from mp4sr_train.distributed import gather
-from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, score, with_ids
+from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding, candidates, item_vectors, score
 from torch import Tensor
 
 
@@ -165,8 +165,8 @@ def full_scores(
     (N + 1,) bool to score the marked items as if they had no ID row."""
     if z is None:
         z = model.encode_items(feats)
-    inputs = with_ids(z, None if id_emb is None else id_emb(z, drop))
-    return score(model.encode_history(ids, inputs), candidates(inputs))
+    inputs, outputs = item_vectors(z, id_emb, drop)
+    return score(model.encode_history(ids, inputs), candidates(outputs))
 
 
 def finetune_loss(
@@ -209,10 +209,10 @@ def sampled_finetune_loss(
         drop = torch.rand(n, device=ids.device, generator=generator) < cfg.ids.dropout
     touched, (local_ids,) = touched_items(ids, extra=torch.cat([all_targets, negatives]))
     z = model.encode_items(feats.take(touched), detach_pool=cfg.reference_quirks)  # (M, U, d)
-    inputs = with_ids(z, id_emb.rows(touched, z, drop))
+    inputs, outputs = item_vectors(z, id_emb, drop, index=touched)
     h = model.encode_history(local_ids, inputs)
     columns = torch.unique(torch.cat([all_targets, negatives]))  # candidate items, sorted
-    cands = candidates(inputs)[:, torch.searchsorted(touched, columns)]  # (M, C, d)
+    cands = candidates(outputs)[:, torch.searchsorted(touched, columns)]  # (M, C, d)
     logits = torch.einsum("mbd,mcd->bc", F.normalize(h, dim=-1), cands) / cfg.tau
     logits = logits - sample.correction(columns, len(all_targets))
     loss = F.cross_entropy(logits, torch.searchsorted(columns, targets))

@@ -83,7 +83,7 @@ int main(int argc, char** argv) try {
   }
   // The top k is exact when its k-th score reaches the bound; otherwise an item the int8 scan
   // left out may belong in it, and a service ranks this history again in full precision
-  // (user output . the table rebuilt from item_inputs.npy, docs/artifacts.md).
+  // (user output . item_table.npy, or the table rebuilt from item_inputs.npy, docs/artifacts.md).
   if (has_bound && scores[k - 1] < out[2].GetTensorData<float>()[0]) {
     std::cerr << "not certified: rank this history again in full precision\n";
     return 3;

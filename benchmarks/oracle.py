@@ -1,0 +1,286 @@
+"""What the best possible model scores on a demo dataset: the generator's own next-item
+probabilities, read from its latent truth (latent.npz), ranked with the benchmark's protocol.
+
+    python benchmarks/oracle.py                       # the built-in demo data, cold-start seeds 0, 1, 2
+    python benchmarks/oracle.py --data DIR --seeds 0  # another demo dataset (benchmarks/quality_data.py)
+
+The demo generator (train/data/demo.py) draws a user's next item as the companion of the last item
+(probability 0.25, if not yet seen) or else by Zipf popularity inside a topic that stays, moves to a
+neighbour or jumps. No model can know more than that, so ranking by those probabilities is the
+ceiling of expected Recall@K on the test users (up to sampling noise).
+
+Cold-start setting (the benchmark's hold_out_items, same seeds): a model trained without the
+held-out items can know their topic (from their features) but neither their popularity inside the
+topic nor their companion links. The *calibrated oracle* scores them with those unknowns replaced by
+their expectation: the mean popularity of the held-out items of the topic, and a companion link
+spread over the candidates it could be. It is tested like the models: on the users whose target is
+a held-out item, and on every user. Then a bias for the held-out items (their probabilities
+multiplied by a factor) shows what the cold-users-only figure rewards and what it costs every
+user: a subset chosen by its outcome favours a model that over-ranks new items.
+
+Prints one JSON line per setting (and per bias factor) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from mp4sr_train.data import default_demo_dir, generate_demo, hold_out_items, load_or_preprocess
+from mp4sr_train.data.demo import COMPANION, N_TOPICS, TOPIC_NEIGHBOUR, TOPIC_STAY, read_catalogue
+from mp4sr_train.data.types import Split, SplitData
+from mp4sr_train.metrics import metrics_from_ranks
+
+from mp4sr_rt.errors import UserError
+
+JUMP = 1.0 - TOPIC_STAY - TOPIC_NEIGHBOUR  # to a uniformly drawn topic (itself included)
+BIASES = (1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
+
+
+class World:
+    """The latent truth of a demo dataset in the split's item index space (row 0: padding)."""
+
+    def __init__(self, data: SplitData, data_dir: Path):
+        cat = read_catalogue(data_dir)
+        row_of = {str(name): i for i, name in enumerate(cat.item_ids)}
+        try:
+            rows = np.array([row_of[item] for item in data.item_ids])
+        except KeyError as e:
+            raise UserError(f"{data_dir}: item {e} of the split is not in the generator's latent truth") from None
+        index_of_row = np.zeros(len(cat.item_ids), dtype=np.int64)
+        index_of_row[rows] = np.arange(1, len(rows) + 1)
+        self.topic = np.r_[0, cat.behaviour[rows]]
+        self.popularity = np.r_[0.0, cat.popularity[rows]]
+        self.companion = np.r_[0, index_of_row[cat.companion[rows]]]  # 0: not in the split
+        self.n = len(rows) + 1
+        # P(topic t | current topic T), a (topics, topics) matrix: stay, a ring neighbour, or a jump.
+        ring = np.arange(N_TOPICS)
+        self.step = np.full((N_TOPICS, N_TOPICS), JUMP / N_TOPICS)
+        self.step[ring, ring] += TOPIC_STAY
+        self.step[ring, (ring + 1) % N_TOPICS] += TOPIC_NEIGHBOUR / 2
+        self.step[ring, (ring - 1) % N_TOPICS] += TOPIC_NEIGHBOUR / 2
+
+    def scores(self, histories: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+        """P(next item | history), (B, N + 1), padding 0. With `held` (bool, N + 1): the calibrated
+        oracle of a model that never saw those items (their popularity and companion links unknown)."""
+        b = len(histories)
+        seen = np.zeros((b, self.n), dtype=bool)
+        np.put_along_axis(seen, histories, True, axis=1)
+        seen[:, 0] = True
+        last = histories[np.arange(b), (histories != 0).sum(1) - 1]
+        popularity = self.popularity.copy()
+        if held is not None:
+            for t in range(N_TOPICS):
+                members = held & (self.topic == t)
+                if members.any():
+                    popularity[members] = self.popularity[members].mean()
+        popularity[0] = 0.0
+        weight = popularity * ~seen  # (B, N + 1)
+        onehot = np.zeros((self.n, N_TOPICS))
+        onehot[np.arange(1, self.n), self.topic[1:]] = 1.0
+        mass = weight @ onehot  # (B, topics): unseen popularity per topic
+        p_topic = self.step[self.topic[last]]  # (B, topics)
+        per_unit = np.divide(p_topic, mass, out=np.zeros_like(mass), where=mass > 0)
+        topic_part = weight * per_unit[:, self.topic]
+        topic_part[:, 0] = 0.0
+        companion = self._companions(last, seen, held)  # (B, N + 1): P(companion = j), unseen j only
+        p_companion = COMPANION * companion.sum(1, keepdims=True)
+        return (1.0 - p_companion) * topic_part + COMPANION * companion
+
+    def _companions(self, last: np.ndarray, seen: np.ndarray, held: np.ndarray | None) -> np.ndarray:
+        """P(item j is the companion of the last item), restricted to unseen items."""
+        b = len(last)
+        out = np.zeros((b, self.n))
+        known = self.companion[last]
+        if held is None:
+            out[np.arange(b), known] = 1.0
+        else:
+            for i, (item, comp) in enumerate(zip(last, known, strict=True)):
+                t = self.topic[item]
+                if held[item]:  # a new last item: its companion follows one of the topic's new items
+                    pool = np.unique(self.companion[held & (self.topic == t)])
+                elif held[comp]:  # a trained item whose companion never showed: one of the topic's new items
+                    pool = np.flatnonzero(held & (self.topic == t))
+                else:
+                    pool = np.array([comp])
+                pool = pool[pool != 0]
+                if len(pool):
+                    out[i, pool] = 1.0 / len(pool)
+        out[:, 0] = 0.0
+        return out * ~seen
+
+
+def ranks(scores: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """0-based rank of each target, ties broken at random (a model's continuous scores break the
+    oracle's ties between items it cannot tell apart); padding never ranked."""
+    scores = scores.copy()
+    scores[:, 0] = -np.inf
+    t = scores[np.arange(len(targets)), targets][:, None]
+    tie_break = rng.random(scores.shape)
+    tie_t = tie_break[np.arange(len(targets)), targets][:, None]
+    return ((scores > t) | ((scores == t) & (tie_break > tie_t))).sum(1)
+
+
+KINDS = ("companion", "same topic", "other topic")
+
+
+def target_kinds(world: World, split: Split) -> np.ndarray:
+    """Per test row, what the target is to the last history item: 0 its companion, 1 another item
+    of its topic, 2 an item of another topic."""
+    last = split.histories[np.arange(len(split)), (split.histories != 0).sum(1) - 1]
+    same = world.topic[split.targets] == world.topic[last]
+    return np.where(world.companion[last] == split.targets, 0, np.where(same, 1, 2))
+
+
+def by_kind(ranks_: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, float]]:
+    return {name: {"share": round(float((kinds == k).mean()), 4), **_pick(metrics_from_ranks(ranks_[kinds == k]))}
+            for k, name in enumerate(KINDS)}
+
+
+def oracle_ranks(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
+                 bias: float = 1.0) -> np.ndarray:
+    out = []
+    for start in range(0, len(split), 512):
+        hist, targets = split.histories[start:start + 512], split.targets[start:start + 512]
+        s = world.scores(hist, held)
+        if held is not None and bias != 1.0:
+            s[:, held] *= bias
+        out.append(ranks(s, targets, rng))
+    return np.concatenate(out)
+
+
+def transition_ranks(data: SplitData, split: Split, rng: np.random.Generator) -> np.ndarray:
+    """A first-order count model for reference: score(j) = how often j followed the last history
+    item in the training rows, plus a fraction of j's training count (popularity breaks ties)."""
+    n = data.num_items + 1
+    last_of = lambda h: h[np.arange(len(h)), (h != 0).sum(1) - 1]  # noqa: E731
+    counts = np.zeros((n, n))
+    np.add.at(counts, (last_of(data.train.histories), data.train.targets), 1.0)
+    popularity = data.train_counts / (data.train_counts.max() + 1.0)
+    s = counts[last_of(split.histories)] + popularity[None, :]
+    return ranks(s, split.targets, rng)
+
+
+def model_ranks(out: Path, name: str, seed: int, preset: str) -> tuple[np.ndarray, Split]:
+    """Test ranks of a finished normal-setting `mp4sr-rt benchmark` run on the built-in demo data."""
+    import torch  # only for --runs: the oracle itself needs no model
+    from id_diagnostics import all_scores
+    from mp4sr_train import config as config_lib
+    from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, load_inputs, load_trained, setting_data
+    from mp4sr_train.metrics import target_ranks
+
+    spec = BY_NAME[name]
+    options = BenchmarkOptions(cfg=config_lib.preset(preset), seeds=(seed,), out=out, device="cpu", progress=False)
+    inputs = load_inputs(options)
+    cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
+    if spec.kind == "mp4sr":
+        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
+    sd = setting_data(inputs, "normal", options.cold_fraction, seed)
+    model, id_emb = load_trained(spec, cfg, inputs, sd, out / "normal" / name / f"seed-{seed}")
+    with torch.inference_mode():
+        scores = all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats))
+        return target_ranks(scores, torch.as_tensor(sd.test.targets)).numpy(), sd.test
+
+
+def evaluate(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
+             bias: float = 1.0) -> dict[str, float]:
+    return metrics_from_ranks(oracle_ranks(world, split, rng, held, bias))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="a demo dataset directory (default: the built-in one)")
+    parser.add_argument("--seeds", default="0,1,2", help="cold-start draws (the benchmark's seeds)")
+    parser.add_argument("--cold-fraction", type=float, default=0.1)
+    parser.add_argument("--cache", type=Path, default=Path("mp4sr-bench/oracle-cache"))
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="results directory of `mp4sr-rt benchmark` on the built-in demo data: its finished "
+                             "normal-setting runs are broken down by target kind beside the oracle")
+    parser.add_argument("--models", default="mp4sr,sasrec,sasrec-features", help="with --runs")
+    parser.add_argument("--seed", type=int, default=0, help="with --runs")
+    parser.add_argument("--preset", default="demo", help="with --runs")
+    args = parser.parse_args()
+    try:
+        data_dir = args.data or generate_demo(default_demo_dir())
+        data, _ = load_or_preprocess(data_dir, args.cache)
+        world = World(data, data_dir)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except (UserError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    normal = oracle_ranks(world, data.test, rng)
+    kinds = target_kinds(world, data.test)
+    emit({"setting": "normal", "model": "oracle", "users": len(data.test), **_pick(metrics_from_ranks(normal)),
+          "by_target": by_kind(normal, kinds)})
+    counted = transition_ranks(data, data.test, rng)
+    emit({"setting": "normal", "model": "first-order counts", "users": len(data.test),
+          **_pick(metrics_from_ranks(counted)), "by_target": by_kind(counted, kinds)})
+    if args.runs is not None:
+        for name in args.models.split(","):
+            if not (args.runs / "normal" / name / f"seed-{args.seed}" / "metrics.json").is_file():
+                continue
+            found, split = model_ranks(args.runs, name, args.seed, args.preset)
+            if not np.array_equal(split.targets, data.test.targets):
+                raise SystemExit(f"error: {args.runs} was not run on the same data as the oracle")
+            emit({"setting": "normal", "model": name, "seed": args.seed, "users": len(split),
+                  **_pick(metrics_from_ranks(found)), "by_target": by_kind(found, kinds)})
+    if args.runs is not None:
+        _table(rows)
+        return
+    for seed in seeds:
+        cold_data, held = hold_out_items(data, args.cold_fraction, seed)
+        cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
+        for bias in BIASES:
+            subset = evaluate(world, cold_users, rng, held, bias)
+            every = evaluate(world, cold_data.test, rng, held, bias)
+            share = _share_top20(world, cold_data.test, held, bias)
+            emit({"setting": "cold-start", "seed": seed, "bias": bias, "cold_users": len(cold_users),
+                  "new_item_targets": _pick(subset), "every_user": _pick(every), "new_share_top20": share})
+    _table(rows)
+
+
+def _share_top20(world: World, split: Split, held: np.ndarray, bias: float) -> float:
+    s = world.scores(split.histories, held)
+    s[:, held] *= bias
+    s[:, 0] = -np.inf
+    top = np.argpartition(-s, 20, axis=1)[:, :20]
+    return float(held[top].mean())
+
+
+def _pick(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(metrics[k], 4) for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}
+
+
+def _table(rows: list[dict]) -> None:
+    normal = [r for r in rows if r["setting"] == "normal"]
+    print(f"\nnormal setting, {normal[0]['users']} users; by the target's kind (companion of the last item, "
+          "another item of its topic, another topic): its share of the users, then NDCG@10 / Recall@20")
+    print("| model | NDCG@10 | Recall@20 | " + " | ".join(KINDS) + " |")
+    print("|---|---|---|" + "---|" * len(KINDS))
+    for r in normal:
+        cells = [f"{r['by_target'][k]['share']:.2f}: {r['by_target'][k]['ndcg@10']:.4f} / "
+                 f"{r['by_target'][k]['recall@20']:.4f}" for k in KINDS]
+        print(f"| {r['model']} | {r['ndcg@10']:.4f} | {r['recall@20']:.4f} | " + " | ".join(cells) + " |")
+    cold = [r for r in rows if r["setting"] == "cold-start"]
+    if not cold:
+        return
+    print("\ncold-start (calibrated oracle; bias: new items' probabilities multiplied)")
+    print("| seed | bias | NDCG@20 new-item targets | Recall@20 new-item targets | NDCG@20 every user "
+          "| new items' share of top 20 |")
+    print("|---|---|---|---|---|---|")
+    for r in cold:
+        new, every = r["new_item_targets"], r["every_user"]
+        print(f"| {r['seed']} | {r['bias']:g} | {new['ndcg@20']:.4f} | {new['recall@20']:.4f} | "
+              f"{every['ndcg@20']:.4f} | {r['new_share_top20']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
