@@ -3,6 +3,7 @@ probabilities, read from its latent truth (latent.npz), ranked with the benchmar
 
     python benchmarks/oracle.py                       # the built-in demo data, cold-start seeds 0, 1, 2
     python benchmarks/oracle.py --data DIR --seeds 0  # another demo dataset (benchmarks/quality_data.py)
+    python benchmarks/oracle.py --runs mp4sr-bench/demo --models mp4sr,sasrec   # trained models beside it
 
 The demo generator (train/data/demo.py) draws a user's next item as the companion of the last item
 (probability 0.25, if not yet seen) or else by Zipf popularity inside a topic that stays, moves to a
@@ -17,6 +18,11 @@ spread over the candidates it could be. It is tested like the models: on the use
 a held-out item, and on every user. Then a bias for the held-out items (their probabilities
 multiplied by a factor) shows what the cold-users-only figure rewards and what it costs every
 user: a subset chosen by its outcome favours a model that over-ranks new items.
+
+With --runs, the finished normal-setting runs of `mp4sr-rt benchmark` on the same data are ranked
+beside the oracle, broken down by what the target is to the last history item (its companion,
+another item of its topic, an item of another topic), and once more with the history's own items
+left out (the runtime's default; the oracle never ranks them).
 
 Prints one JSON line per setting (and per bias factor) and a table.
 """
@@ -81,7 +87,9 @@ class World:
         onehot = np.zeros((self.n, N_TOPICS))
         onehot[np.arange(1, self.n), self.topic[1:]] = 1.0
         mass = weight @ onehot  # (B, topics): unseen popularity per topic
-        p_topic = self.step[self.topic[last]]  # (B, topics)
+        # A topic the user has exhausted is drawn again (the generator drifts on): renormalise.
+        p_topic = self.step[self.topic[last]] * (mass > 0)  # (B, topics)
+        p_topic /= p_topic.sum(1, keepdims=True)
         per_unit = np.divide(p_topic, mass, out=np.zeros_like(mass), where=mass > 0)
         topic_part = weight * per_unit[:, self.topic]
         topic_part[:, 0] = 0.0
@@ -163,8 +171,10 @@ def transition_ranks(data: SplitData, split: Split, rng: np.random.Generator) ->
     return ranks(s, split.targets, rng)
 
 
-def model_ranks(out: Path, name: str, seed: int, preset: str) -> tuple[np.ndarray, Split]:
-    """Test ranks of a finished normal-setting `mp4sr-rt benchmark` run on the built-in demo data."""
+def model_ranks(out: Path, name: str, seed: int, preset: str, data: Path | None, features: Path | None,
+                ) -> tuple[np.ndarray, np.ndarray, Split]:
+    """Test ranks of a finished normal-setting `mp4sr-rt benchmark` run (the protocol's, and with
+    the history's own items left out, as the runtime serves) and its test split."""
     import torch  # only for --runs: the oracle itself needs no model
     from id_diagnostics import all_scores
     from mp4sr_train import config as config_lib
@@ -172,7 +182,8 @@ def model_ranks(out: Path, name: str, seed: int, preset: str) -> tuple[np.ndarra
     from mp4sr_train.metrics import target_ranks
 
     spec = BY_NAME[name]
-    options = BenchmarkOptions(cfg=config_lib.preset(preset), seeds=(seed,), out=out, device="cpu", progress=False)
+    options = BenchmarkOptions(cfg=config_lib.preset(preset), seeds=(seed,), out=out, data=data, features=features,
+                               device="cpu", progress=False)
     inputs = load_inputs(options)
     cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
     if spec.kind == "mp4sr":
@@ -181,7 +192,10 @@ def model_ranks(out: Path, name: str, seed: int, preset: str) -> tuple[np.ndarra
     model, id_emb = load_trained(spec, cfg, inputs, sd, out / "normal" / name / f"seed-{seed}")
     with torch.inference_mode():
         scores = all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats))
-        return target_ranks(scores, torch.as_tensor(sd.test.targets)).numpy(), sd.test
+        targets = torch.as_tensor(sd.test.targets)
+        ranks_all = target_ranks(scores, targets).numpy()
+        scores.scatter_(1, torch.as_tensor(sd.test.histories), float("-inf"))  # padding column stays -inf
+        return ranks_all, target_ranks(scores, targets).numpy(), sd.test
 
 
 def evaluate(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
@@ -196,8 +210,9 @@ def main() -> None:
     parser.add_argument("--cold-fraction", type=float, default=0.1)
     parser.add_argument("--cache", type=Path, default=Path("mp4sr-bench/oracle-cache"))
     parser.add_argument("--runs", type=Path, default=None,
-                        help="results directory of `mp4sr-rt benchmark` on the built-in demo data: its finished "
-                             "normal-setting runs are broken down by target kind beside the oracle")
+                        help="results directory of `mp4sr-rt benchmark` on the same data (--data, and its --features): "
+                             "its finished normal-setting runs are broken down by target kind beside the oracle")
+    parser.add_argument("--features", type=Path, default=None, help="with --runs and --data: the benchmark's features")
     parser.add_argument("--models", default="mp4sr,sasrec,sasrec-features", help="with --runs")
     parser.add_argument("--seed", type=int, default=0, help="with --runs")
     parser.add_argument("--preset", default="demo", help="with --runs")
@@ -227,11 +242,12 @@ def main() -> None:
         for name in args.models.split(","):
             if not (args.runs / "normal" / name / f"seed-{args.seed}" / "metrics.json").is_file():
                 continue
-            found, split = model_ranks(args.runs, name, args.seed, args.preset)
+            found, unseen, split = model_ranks(args.runs, name, args.seed, args.preset, args.data, args.features)
             if not np.array_equal(split.targets, data.test.targets):
                 raise SystemExit(f"error: {args.runs} was not run on the same data as the oracle")
             emit({"setting": "normal", "model": name, "seed": args.seed, "users": len(split),
-                  **_pick(metrics_from_ranks(found)), "by_target": by_kind(found, kinds)})
+                  **_pick(metrics_from_ranks(found)), "by_target": by_kind(found, kinds),
+                  "seen_left_out": _pick(metrics_from_ranks(unseen))})
     if args.runs is not None:
         _table(rows)
         return
@@ -263,11 +279,15 @@ def _table(rows: list[dict]) -> None:
     normal = [r for r in rows if r["setting"] == "normal"]
     print(f"\nnormal setting, {normal[0]['users']} users; by the target's kind (companion of the last item, "
           "another item of its topic, another topic): its share of the users, then NDCG@10 / Recall@20")
-    print("| model | NDCG@10 | Recall@20 | " + " | ".join(KINDS) + " |")
-    print("|---|---|---|" + "---|" * len(KINDS))
+    print("(and, for trained models, with the history's own items left out as the runtime serves; the oracle "
+          "never ranks them)")
+    print("| model | NDCG@10 | Recall@20 | " + " | ".join(KINDS) + " | seen left out: NDCG@10 / Recall@20 |")
+    print("|---|---|---|" + "---|" * (len(KINDS) + 1))
     for r in normal:
         cells = [f"{r['by_target'][k]['share']:.2f}: {r['by_target'][k]['ndcg@10']:.4f} / "
                  f"{r['by_target'][k]['recall@20']:.4f}" for k in KINDS]
+        unseen = r.get("seen_left_out")
+        cells.append(f"{unseen['ndcg@10']:.4f} / {unseen['recall@20']:.4f}" if unseen else "")
         print(f"| {r['model']} | {r['ndcg@10']:.4f} | {r['recall@20']:.4f} | " + " | ".join(cells) + " |")
     cold = [r for r in rows if r["setting"] == "cold-start"]
     if not cold:
