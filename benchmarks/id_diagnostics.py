@@ -18,6 +18,11 @@ Reads finished `mp4sr-rt benchmark` runs (those with a metrics.json; the demo da
                              added to each new item's score: NDCG@20 of the cold test users, of the
                              others and of all, and the new items' share of the top 20 (the price of
                              a bias for new items, measured)
+    neighbours               with --neighbours: the same figures when each new item's ID row is not the
+                             one the model predicts from its features but the mean of the trained rows
+                             of its K nearest trained items (cosine of the item vectors z; plain mean,
+                             and weighted by training counts): another way to place new items, whose
+                             trade-off between the cold test users and the others it measures
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from mp4sr_train import config as config_lib
 from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, full_catalogue_ids, load_inputs, load_trained, setting_data
 from mp4sr_train.metrics import metrics_from_ranks, target_ranks
+from mp4sr_train.model import candidates, score
 from mp4sr_train.tasks import full_scores
 
 
 @torch.inference_mode()
 def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: BenchmarkOptions,
-             offsets: tuple[float, ...] = ()) -> dict:
+             offsets: tuple[float, ...] = (), neighbours: tuple[int, ...] = ()) -> dict:
     spec = BY_NAME[name]
     cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
     if spec.kind == "mp4sr":
@@ -65,7 +72,37 @@ def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: Ben
         result["new_only"] = {k: new[k] for k in ("recall@20", "ndcg@20")}
         if offsets:
             result["offsets"] = offset_sweep(model, inputs.feats, sd.test_all, id_emb, z, untrained, offsets)
+        if neighbours:
+            counts = torch.as_tensor(sd.data.train_counts, dtype=torch.float32)
+            result["neighbours"] = neighbour_sweep(model, sd.test_all, z, rows, trained, untrained, counts, neighbours)
     return result
+
+
+def neighbour_sweep(model, split, z, rows, trained, untrained, counts, ks) -> list[dict]:
+    """offset_sweep's figures when each new item's ID row (both sides: a tied model) is the mean of
+    the trained rows of its k nearest trained items by cosine of z, plain or weighted by counts."""
+    known = trained.clone()
+    known[0] = False
+    flat = F.normalize(z.permute(1, 0, 2).flatten(1), dim=-1)  # (N + 1, M d)
+    similar = flat[untrained] @ flat[known].T
+    targets = torch.as_tensor(split.targets)
+    cold = untrained[targets].numpy()
+    out = []
+    for k in ks:
+        nearest = similar.topk(min(k, int(known.sum())), dim=1).indices
+        for weighted in (False, True):
+            w = counts[known][nearest] if weighted else torch.ones(nearest.shape)
+            imputed = rows.clone()
+            imputed[untrained] = ((w / w.sum(1, keepdim=True))[..., None] * rows[known][nearest]).sum(1)
+            inputs = z + imputed
+            scores = torch.cat([score(model.encode_history(torch.as_tensor(split.histories[i : i + 500]), inputs),
+                                      candidates(inputs)) for i in range(0, len(split), 500)])
+            ranks = target_ranks(scores, targets).numpy()
+            top = scores.topk(20, dim=-1).indices
+            out.append({"k": k, "weighted": weighted, "share_top20": float(untrained[top].float().mean()),
+                        **{f"ndcg@20_{part}": metrics_from_ranks(ranks[mask])["ndcg@20"]
+                           for part, mask in (("cold", cold), ("other", ~cold), ("all", np.ones_like(cold)))}})
+    return out
 
 
 def all_scores(model, feats, split, id_emb, z, batch: int = 500) -> torch.Tensor:
@@ -102,15 +139,19 @@ def main() -> None:
     parser.add_argument("--features", type=Path)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--offsets", default="", help="comma-separated score offsets for new items, e.g. 0,0.1,0.2")
+    parser.add_argument("--neighbours", default="", help="comma-separated K: new items' ID rows from their K nearest "
+                                                          "trained items (a tied model), e.g. 10,50")
     args = parser.parse_args()
     options = BenchmarkOptions(cfg=config_lib.preset(args.preset), seeds=(args.seed,), out=args.out,
                                data=args.data, features=args.features, device="cpu", progress=False)
     inputs = load_inputs(options)
     offsets = tuple(float(x) for x in args.offsets.split(",") if x.strip())
+    neighbours = tuple(int(x) for x in args.neighbours.split(",") if x.strip())
     for setting in ("normal", "cold-start"):
         for name in args.models.split(","):
             if (args.out / setting / name / f"seed-{args.seed}" / "metrics.json").is_file():  # finished runs only
-                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options, offsets)), flush=True)
+                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options, offsets, neighbours)),
+                      flush=True)
 
 
 if __name__ == "__main__":

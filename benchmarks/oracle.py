@@ -171,31 +171,54 @@ def transition_ranks(data: SplitData, split: Split, rng: np.random.Generator) ->
     return ranks(s, split.targets, rng)
 
 
-def model_ranks(out: Path, name: str, seed: int, preset: str, data: Path | None, features: Path | None,
-                ) -> tuple[np.ndarray, np.ndarray, Split]:
-    """Test ranks of a finished normal-setting `mp4sr-rt benchmark` run (the protocol's, and with
-    the history's own items left out, as the runtime serves) and its test split."""
+def model_scores(out: Path, setting: str, name: str, seed: int, args: argparse.Namespace) -> tuple[np.ndarray, Split]:
+    """Scores of every item (padding -inf) for the test users of a finished `mp4sr-rt benchmark` run
+    (in the cold-start setting, those whose target is a held-out item), and those users."""
     import torch  # only for --runs: the oracle itself needs no model
     from id_diagnostics import all_scores
     from mp4sr_train import config as config_lib
-    from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, load_inputs, load_trained, setting_data
-    from mp4sr_train.metrics import target_ranks
+    from mp4sr_train.benchmark import (
+        BY_NAME,
+        BenchmarkOptions,
+        full_catalogue_ids,
+        load_inputs,
+        load_trained,
+        setting_data,
+    )
 
     spec = BY_NAME[name]
-    options = BenchmarkOptions(cfg=config_lib.preset(preset), seeds=(seed,), out=out, data=data, features=features,
-                               device="cpu", progress=False)
+    options = BenchmarkOptions(cfg=config_lib.preset(args.preset), seeds=(seed,), out=out, data=args.data,
+                               features=args.features, cold_fraction=args.cold_fraction, device="cpu", progress=False)
     inputs = load_inputs(options)
     cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
     if spec.kind == "mp4sr":
         cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
-    sd = setting_data(inputs, "normal", options.cold_fraction, seed)
-    model, id_emb = load_trained(spec, cfg, inputs, sd, out / "normal" / name / f"seed-{seed}")
+    sd = setting_data(inputs, setting, options.cold_fraction, seed)
+    model, id_emb = load_trained(spec, cfg, inputs, sd, out / setting / name / f"seed-{seed}")
+    if sd.kept is not None:
+        id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
     with torch.inference_mode():
-        scores = all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats))
-        targets = torch.as_tensor(sd.test.targets)
-        ranks_all = target_ranks(scores, targets).numpy()
-        scores.scatter_(1, torch.as_tensor(sd.test.histories), float("-inf"))  # padding column stays -inf
-        return ranks_all, target_ranks(scores, targets).numpy(), sd.test
+        return all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats)).numpy(), sd.test
+
+
+def strict_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The benchmark's ranks (metrics.target_ranks): ties count against the target."""
+    t = scores[np.arange(len(targets)), targets][:, None]
+    ahead = (scores > t) | ((scores == t) & (np.arange(scores.shape[1]) != targets[:, None]))
+    return ahead.sum(1)
+
+
+def ahead_of_target(world: World, scores: np.ndarray, split: Split, held: np.ndarray) -> dict[str, float]:
+    """Median, over the users, of the items scored above the target, by kind: trained or held out,
+    of the target's topic or not."""
+    t = scores[np.arange(len(split)), split.targets][:, None]
+    ahead = scores > t
+    ahead[:, 0] = False
+    same = world.topic[None, :] == world.topic[split.targets][:, None]
+    parts = {"same_topic_trained": same & ~held, "same_topic_new": same & held, "other_topic_trained": ~same & ~held,
+             "other_topic_new": ~same & held}
+    return {"rank": float(np.median(ahead.sum(1))),
+            **{name: float(np.median((ahead & mask).sum(1))) for name, mask in parts.items()}}
 
 
 def evaluate(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
@@ -242,15 +265,31 @@ def main() -> None:
         for name in args.models.split(","):
             if not (args.runs / "normal" / name / f"seed-{args.seed}" / "metrics.json").is_file():
                 continue
-            found, unseen, split = model_ranks(args.runs, name, args.seed, args.preset, args.data, args.features)
+            scores, split = model_scores(args.runs, "normal", name, args.seed, args)
             if not np.array_equal(split.targets, data.test.targets):
                 raise SystemExit(f"error: {args.runs} was not run on the same data as the oracle")
+            found = strict_ranks(scores, split.targets)
+            np.put_along_axis(scores, split.histories, -np.inf, axis=1)  # the history's own items
+            unseen = strict_ranks(scores, split.targets)
             emit({"setting": "normal", "model": name, "seed": args.seed, "users": len(split),
                   **_pick(metrics_from_ranks(found)), "by_target": by_kind(found, kinds),
                   "seen_left_out": _pick(metrics_from_ranks(unseen))})
-    if args.runs is not None:
-        _table(rows)
-        return
+        held = hold_out_items(data, args.cold_fraction, args.seed)[1]
+        cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
+        oracle_scores = world.scores(cold_users.histories, held)
+        oracle_scores *= 1.0 + 1e-9 * rng.random(oracle_scores.shape)  # ties (items it cannot tell apart) at random
+        emit({"setting": "cold-start", "model": "oracle", "seed": args.seed, "users": len(cold_users),
+              **_pick(evaluate(world, cold_users, rng, held)),
+              "ahead_of_target": ahead_of_target(world, oracle_scores, cold_users, held)})
+        for name in args.models.split(","):
+            if not (args.runs / "cold-start" / name / f"seed-{args.seed}" / "metrics.json").is_file():
+                continue
+            scores, split = model_scores(args.runs, "cold-start", name, args.seed, args)
+            if not np.array_equal(split.targets, cold_users.targets):
+                raise SystemExit(f"error: {args.runs} was not run on the same data as the oracle")
+            emit({"setting": "cold-start", "model": name, "seed": args.seed, "users": len(split),
+                  **_pick(metrics_from_ranks(strict_ranks(scores, split.targets))),
+                  "ahead_of_target": ahead_of_target(world, scores, split, held)})
     for seed in seeds:
         cold_data, held = hold_out_items(data, args.cold_fraction, seed)
         cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
@@ -289,7 +328,18 @@ def _table(rows: list[dict]) -> None:
         unseen = r.get("seen_left_out")
         cells.append(f"{unseen['ndcg@10']:.4f} / {unseen['recall@20']:.4f}" if unseen else "")
         print(f"| {r['model']} | {r['ndcg@10']:.4f} | {r['recall@20']:.4f} | " + " | ".join(cells) + " |")
-    cold = [r for r in rows if r["setting"] == "cold-start"]
+    ahead = [r for r in rows if "ahead_of_target" in r]
+    if ahead:
+        print(f"\ncold-start, the {ahead[0]['users']} users whose target is a held-out item: median count of the "
+              "items scored above the target, by kind")
+        print("| model | NDCG@20 | median rank | same topic, trained | same topic, held out | other topic, trained "
+              "| other topic, held out |")
+        print("|---|---|---|---|---|---|---|")
+        for r in ahead:
+            a = r["ahead_of_target"]
+            print(f"| {r['model']} | {r['ndcg@20']:.4f} | {a['rank']:.0f} | {a['same_topic_trained']:.0f} | "
+                  f"{a['same_topic_new']:.0f} | {a['other_topic_trained']:.0f} | {a['other_topic_new']:.0f} |")
+    cold = [r for r in rows if r["setting"] == "cold-start" and "bias" in r]
     if not cold:
         return
     print("\ncold-start (calibrated oracle; bias: new items' probabilities multiplied)")
