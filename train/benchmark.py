@@ -112,6 +112,12 @@ MODELS = (
     ModelSpec("sasrec-features-lr-3e-4", "SASRecM (IDs + mean-pooled features), lr 3e-4 for up to 40 epochs",
               "baseline", kind="sasrec-features",
               overrides={"train.ids": _PAPER_IDS, "train.finetune.lr": 3e-4, "train.finetune.epochs": 40}),
+    # The baselines with candidate ID rows of their own, as ids-untied gives MP4SR: whether a gain
+    # from untying is MP4SR's or any ID model's.
+    ModelSpec("sasrec-untied", "SASRec (item IDs only), untied candidate ID rows", "baseline", kind="sasrec",
+              id_only=True, overrides={"train.ids": {**_PAPER_IDS, "candidate_rows": "untied"}}),
+    ModelSpec("sasrec-features-untied", "SASRecM (IDs + mean-pooled features), untied candidate ID rows", "baseline",
+              kind="sasrec-features", overrides={"train.ids": {**_PAPER_IDS, "candidate_rows": "untied"}}),
     # The large-catalogue training path forced on a small catalogue, against the exact softmax.
     ModelSpec("sampled-softmax", "MP4SR, sampled softmax (512 shared uniform negatives, log-Q)", "ablation",
               pretrain=True, overrides={"train.softmax.kind": "sampled", "train.softmax.negatives": 512}),
