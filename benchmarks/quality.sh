@@ -14,9 +14,13 @@
 #    the demo data, 3 seeds, normal (docs/results-finetune-lr.md) and cold-start
 #    (docs/results-finetune-lr-cold-start.md); the other data configurations, 1 seed, normal
 #    (docs/results-finetune-lr-<config>.md)
+# 7. candidate ID rows of their own (untied, residual) for MP4SR and for both SASRec baselines, the demo
+#    data, 1 seed, both settings -> docs/results-ablations-candidate-rows.md; the same on the other data
+#    configurations, normal setting; then the generator's own probabilities beside the trained models
+#    (benchmarks/oracle.py) -> docs/bench/oracle-demo.txt and docs/bench/cold-neighbours.jsonl
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
-# step 4 about 25, step 5 about 30, step 6 about 2 hours.
+# step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -60,3 +64,17 @@ for name in text-only small-latent; do
     --data "$OUT/data/$name/data" --features "$OUT/data/$name/features.safetensors" \
     --report "docs/results-finetune-lr-$name.md" </dev/null
 done
+CANDIDATE=mp4sr,sasrec,sasrec-features,ids-untied,ids-residual,sasrec-untied,sasrec-features-untied
+bench "$OUT/demo" docs/results-ablations-candidate-rows.md --seeds 1 --models "$CANDIDATE"
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
+  --models mp4sr,pretrain-3,ids-untied-pretrain-3 --report docs/results-ablations-untied-pretrain.md </dev/null
+for name in text-only small-latent; do
+  "$BIN/mp4sr-rt" benchmark --out "$OUT/$name" --quiet --threads 1 --settings normal --seeds 1 \
+    --models mp4sr,sasrec,sasrec-features,ids-untied,ids-residual \
+    --data "$OUT/data/$name/data" --features "$OUT/data/$name/features.safetensors" \
+    --report "docs/results-candidate-rows-$name.md" </dev/null
+done
+"$BIN/python" benchmarks/oracle.py --runs "$OUT/demo" --models mp4sr,sasrec,sasrec-features,ids-untied,ids-residual \
+  >docs/bench/oracle-demo.txt
+"$BIN/python" benchmarks/id_diagnostics.py "$OUT/demo" --models mp4sr --seed 0 --neighbours 10,50 \
+  | grep cold-start >docs/bench/cold-neighbours.jsonl

@@ -72,6 +72,22 @@ def test_cli_train_tiny_then_refuses_to_clobber(tiny_data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "finished earlier" in resumed.stderr
 
+    # A run (and checkpoint) written before a setting existed resumes and loads as one with its
+    # default, which is what it trained with; a run made with another value is still refused.
+    for path in (out / "run.json", out / "checkpoint" / "config.json"):
+        stored = json.loads(path.read_text())
+        assert stored["config"]["train"]["ids"].pop("candidate_rows") == "tied"
+        path.write_text(json.dumps(stored))
+    assert run_cli(*args, "--resume").returncode == 0
+    from mp4sr_train.checkpoint import load_checkpoint
+
+    assert not load_checkpoint(out / "checkpoint").id_emb.untied
+    stored = json.loads((out / "run.json").read_text())
+    stored["config"]["train"]["ids"]["candidate_rows"] = "untied"
+    (out / "run.json").write_text(json.dumps(stored))
+    refused = run_cli(*args, "--resume")
+    assert refused.returncode == 2 and "different config" in refused.stderr
+
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
     from mp4sr_train import loop

@@ -40,7 +40,14 @@ from mp4sr_train.config import Config
 from mp4sr_train.data import hold_out_items, load_or_preprocess
 from mp4sr_train.data.preprocess import _strip_items
 from mp4sr_train.data.types import Split, SplitData
-from mp4sr_train.loop import StageRunner, evaluate, evaluate_popularity, resolve_device, run_fingerprint
+from mp4sr_train.loop import (
+    StageRunner,
+    evaluate,
+    evaluate_popularity,
+    resolve_device,
+    run_fingerprint,
+    stored_fingerprint,
+)
 from mp4sr_train.model import M2SE, ItemFeatures, ItemIdEmbedding
 from mp4sr_train.run import features_digest, load_item_features, log, resolve_inputs
 from safetensors.torch import load_file
@@ -379,7 +386,7 @@ def claim(directory: Path, fingerprint: dict[str, Any]) -> None:
     run_file = directory / "run.json"
     expected = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back
     if run_file.is_file():
-        if json.loads(run_file.read_text()) != expected:
+        if stored_fingerprint(run_file) != expected:
             raise UserError(f"{directory} holds a run made with other settings (config, data or features); "
                             "choose another --out or delete that directory")
         return

@@ -321,6 +321,17 @@ def run_fingerprint(cfg: Config, data_key: str, features_sha: str) -> dict[str, 
     return {"config": config_lib.to_dict(cfg), "data": data_key, "features_sha256": features_sha}
 
 
+def stored_fingerprint(path: Path) -> dict[str, Any]:
+    """A run.json as run_fingerprint would write it today: a config written before a setting existed
+    reads as having that setting's default (what the run trained with), so it still matches."""
+    stored = json.loads(path.read_text())
+    try:
+        stored["config"] = json.loads(json.dumps(config_lib.to_dict(config_lib.from_dict(stored["config"]))))
+    except (UserError, KeyError, TypeError):
+        pass  # a setting this version no longer has: the comparison tells it apart
+    return stored
+
+
 def check_or_write_run(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing run unless asked; refuse to resume a different run."""
     run_file = out / "run.json"
@@ -335,7 +346,7 @@ def check_or_write_run(out: Path, fingerprint: dict[str, Any], resume: bool, ove
         raise UserError(f"{out} already holds a training run; pass --resume to continue it "
                         "or --overwrite to start again (or choose another --out)")
     elif run_file.is_file():
-        previous = json.loads(run_file.read_text())
+        previous = stored_fingerprint(run_file)
         current = json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
         changed = [k for k in current if previous.get(k) != current[k]]
         if changed:
