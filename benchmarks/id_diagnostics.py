@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mp4sr_train import config as config_lib
-from mp4sr_train.benchmark import BY_NAME, BenchmarkOptions, full_catalogue_ids, load_inputs, load_trained, setting_data
+from mp4sr_train.benchmark import BenchmarkOptions, load_finished, load_inputs
 from mp4sr_train.metrics import metrics_from_ranks, target_ranks
 from mp4sr_train.model import candidates, score
 from mp4sr_train.tasks import full_scores
@@ -44,14 +44,7 @@ from mp4sr_train.tasks import full_scores
 @torch.inference_mode()
 def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: BenchmarkOptions,
              offsets: tuple[float, ...] = (), neighbours: tuple[int, ...] = ()) -> dict:
-    spec = BY_NAME[name]
-    cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
-    if spec.kind == "mp4sr":
-        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
-    sd = setting_data(inputs, setting, options.cold_fraction, seed)
-    model, id_emb = load_trained(spec, cfg, inputs, sd, out / setting / name / f"seed-{seed}")
-    if sd.kept is not None:
-        id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
+    model, id_emb, sd = load_finished(name, setting, seed, inputs, options)
     z = model.encode_items(inputs.feats)
     rows = id_emb(z)
     trained = id_emb.known

@@ -177,26 +177,12 @@ def model_scores(out: Path, setting: str, name: str, seed: int, args: argparse.N
     import torch  # only for --runs: the oracle itself needs no model
     from id_diagnostics import all_scores
     from mp4sr_train import config as config_lib
-    from mp4sr_train.benchmark import (
-        BY_NAME,
-        BenchmarkOptions,
-        full_catalogue_ids,
-        load_inputs,
-        load_trained,
-        setting_data,
-    )
+    from mp4sr_train.benchmark import BenchmarkOptions, load_finished, load_inputs
 
-    spec = BY_NAME[name]
     options = BenchmarkOptions(cfg=config_lib.preset(args.preset), seeds=(seed,), out=out, data=args.data,
                                features=args.features, cold_fraction=args.cold_fraction, device="cpu", progress=False)
     inputs = load_inputs(options)
-    cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
-    if spec.kind == "mp4sr":
-        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
-    sd = setting_data(inputs, setting, options.cold_fraction, seed)
-    model, id_emb = load_trained(spec, cfg, inputs, sd, out / setting / name / f"seed-{seed}")
-    if sd.kept is not None:
-        id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
+    model, id_emb, sd = load_finished(name, setting, seed, inputs, options)
     with torch.inference_mode():
         return all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats)).numpy(), sd.test
 

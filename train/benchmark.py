@@ -329,6 +329,21 @@ def load_trained(spec: ModelSpec, cfg: Config, inputs: Inputs, sd: SettingData, 
     return model.eval(), id_emb
 
 
+def load_finished(name: str, setting: str, seed: int, inputs: Inputs, options: BenchmarkOptions,
+                  ) -> tuple[torch.nn.Module, ItemIdEmbedding, SettingData]:
+    """The model of a finished run in `options.out`, its ID embedding over the full catalogue (in
+    the cold-start setting, the held-out items have no trained row) and the setting's data."""
+    spec = BY_NAME[name]
+    cfg = config_lib.replace(options.cfg, {**spec.overrides, "train.seed": seed})
+    if spec.kind == "mp4sr":
+        cfg, _ = config_lib.present_modalities(cfg, inputs.feats.present())
+    sd = setting_data(inputs, setting, options.cold_fraction, seed)
+    model, id_emb = load_trained(spec, cfg, inputs, sd, options.out / setting / name / f"seed-{seed}")
+    if sd.kept is not None:
+        id_emb = full_catalogue_ids(id_emb, sd.kept, sd.data.num_items)
+    return model, id_emb, sd
+
+
 def popularity_metrics(sd: SettingData) -> dict[str, Any]:
     result = {"test": evaluate_popularity(sd.data, sd.test)}
     if sd.test_all is not None:
