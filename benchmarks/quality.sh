@@ -17,7 +17,8 @@
 # 7. candidate ID rows of their own (untied, residual) for MP4SR and for both SASRec baselines, the demo
 #    data, 1 seed, both settings -> docs/results-ablations-candidate-rows.md; the same on the other data
 #    configurations, normal setting; then the generator's own probabilities beside the trained models
-#    (benchmarks/oracle.py) -> docs/bench/oracle-demo.txt and docs/bench/cold-neighbours.jsonl
+#    (benchmarks/oracle.py) -> docs/bench/oracle-demo.txt and docs/bench/cold-neighbours.jsonl; width
+#    128 -> docs/results-ablations-width.md
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
 # step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours.
@@ -68,6 +69,8 @@ CANDIDATE=mp4sr,sasrec,sasrec-features,ids-untied,ids-residual,sasrec-untied,sas
 bench "$OUT/demo" docs/results-ablations-candidate-rows.md --seeds 1 --models "$CANDIDATE"
 "$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
   --models mp4sr,pretrain-3,ids-untied-pretrain-3 --report docs/results-ablations-untied-pretrain.md </dev/null
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
+  --models mp4sr,width-128 --report docs/results-ablations-width.md </dev/null
 for name in text-only small-latent; do
   "$BIN/mp4sr-rt" benchmark --out "$OUT/$name" --quiet --threads 1 --settings normal --seeds 1 \
     --models mp4sr,sasrec,sasrec-features,ids-untied,ids-residual \
