@@ -19,10 +19,11 @@ a held-out item, and on every user. Then a bias for the held-out items (their pr
 multiplied by a factor) shows what the cold-users-only figure rewards and what it costs every
 user: a subset chosen by its outcome favours a model that over-ranks new items.
 
-With --runs, the finished normal-setting runs of `mp4sr-rt benchmark` on the same data are ranked
-beside the oracle, broken down by what the target is to the last history item (its companion,
-another item of its topic, an item of another topic), and once more with the history's own items
-left out (the runtime's default; the oracle never ranks them).
+With --runs, the finished runs of `mp4sr-rt benchmark` on the same data (seed --seed) stand beside
+the oracle: in the normal setting broken down by what the target is to the last history item (its
+companion, another item of its topic, an item of another topic) and ranked once more with the
+history's own items left out (the runtime's default; the oracle never ranks them); in the
+cold-start setting, by the kinds of items each scores above a held-out target.
 
 Prints one JSON line per setting (and per bias factor) and a table.
 """
