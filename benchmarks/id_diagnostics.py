@@ -8,6 +8,10 @@ Reads finished `mp4sr-rt benchmark` runs (those with a metrics.json; the demo da
     z_norm, id_norm          mean row norm of the feature part z (both modalities) and of the ID
                              rows of trained items (scale included)
     predicted_id_norm        mean norm of the rows predicted from features for untrained items
+    feature_only             Recall@20 and NDCG@10 with every item scored without its ID row (the
+                             rows predicted from features for all): what the features alone carry
+                             about items training saw, to set beside benchmarks/oracle.py's
+                             "topics only" (what a feature that shows only an item's topic is worth)
     cold_share_top20         cold-start setting: share of the held-out items among the top 20 of
                              the cold test users (they are ~10% of the catalogue and every target)
     target_rank_median       cold-start setting: median rank of the (held-out) target
@@ -54,6 +58,11 @@ def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: Ben
               "z_norm": float(z[:, 1:].norm(dim=-1).mean()),
               "id_norm": float(rows[trained].norm(dim=-1).mean()),
               "predicted_id_norm": float(rows[untrained].norm(dim=-1).mean()) if untrained.any() else None}
+    if setting == "normal":
+        every = torch.ones(len(id_emb.known), dtype=torch.bool)
+        scores = all_scores(model, inputs.feats, sd.test, id_emb, z, drop=every)
+        found = metrics_from_ranks(target_ranks(scores, torch.as_tensor(sd.test.targets)).numpy())
+        result["feature_only"] = {k: found[k] for k in ("recall@20", "ndcg@10")}
     if setting == "cold-start":
         scores = all_scores(model, inputs.feats, sd.test, id_emb, z)
         targets = torch.as_tensor(sd.test.targets)
@@ -98,9 +107,9 @@ def neighbour_sweep(model, split, z, rows, trained, untrained, counts, ks) -> li
     return out
 
 
-def all_scores(model, feats, split, id_emb, z, batch: int = 500) -> torch.Tensor:
-    """Scores of every item for every history of `split` (padding column -inf)."""
-    parts = [full_scores(model, feats, torch.as_tensor(split.histories[i : i + batch]), id_emb, z)
+def all_scores(model, feats, split, id_emb, z, batch: int = 500, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of every item for every history of `split` (padding column -inf); `drop` as full_scores."""
+    parts = [full_scores(model, feats, torch.as_tensor(split.histories[i : i + batch]), id_emb, z, drop)
              for i in range(0, len(split), batch)]
     scores = torch.cat(parts)
     scores[:, 0] = float("-inf")

@@ -10,6 +10,9 @@ The demo generator (train/data/demo.py) draws a user's next item as the companio
 neighbour or jumps. No model can know more than that, so ranking by those probabilities is the
 ceiling of expected Recall@K on the test users (up to sampling noise).
 
+"topics only" is the same with every item treated as held out (below): what knowing an item's topic
+and nothing else about it is worth.
+
 Cold-start setting (the benchmark's hold_out_items, same seeds): a model trained without the
 held-out items can know their topic (from their features) but neither their popularity inside the
 topic nor their companion links. The *calibrated oracle* scores them with those unknowns replaced by
@@ -38,7 +41,6 @@ import numpy as np
 from mp4sr_train.data import default_demo_dir, generate_demo, hold_out_items, load_or_preprocess
 from mp4sr_train.data.demo import COMPANION, N_TOPICS, TOPIC_NEIGHBOUR, TOPIC_STAY, read_catalogue
 from mp4sr_train.data.types import Split, SplitData
-from mp4sr_train.metrics import metrics_from_ranks
 
 from mp4sr_rt.errors import UserError
 
@@ -121,15 +123,35 @@ class World:
         return out * ~seen
 
 
-def ranks(scores: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """0-based rank of each target, ties broken at random (a model's continuous scores break the
-    oracle's ties between items it cannot tell apart); padding never ranked."""
+def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B, 2): per row the items scored above the target and those tied with it (padding never
+    ranked). The oracle cannot tell some items apart (held-out items of a topic): `metrics` takes
+    its figures in expectation over the order of the tied items, as continuous scores would break
+    them, without a random draw."""
     scores = scores.copy()
     scores[:, 0] = -np.inf
     t = scores[np.arange(len(targets)), targets][:, None]
-    tie_break = rng.random(scores.shape)
-    tie_t = tie_break[np.arange(len(targets)), targets][:, None]
-    return ((scores > t) | ((scores == t) & (tie_break > tie_t))).sum(1)
+    return np.stack([(scores > t).sum(1), (scores == t).sum(1) - 1], axis=1)
+
+
+def metrics(r: np.ndarray, ks: tuple[int, ...] = (5, 10, 20, 50)) -> dict[str, float]:
+    """metrics_from_ranks in expectation over ties: the target's rank uniform on above .. above + tied."""
+    above, tied = r[:, 0], r[:, 1]
+    gain = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(int(r.sum(1).max()) + 1) + 2.0))])
+    out = {}
+    for k in ks:
+        last = np.minimum(above + tied, k - 1)  # the last rank inside the top k
+        inside = np.clip(last - above + 1, 0, None)
+        out[f"recall@{k}"] = float((inside / (tied + 1)).mean())
+        out[f"ndcg@{k}"] = float(np.where(inside > 0, (gain[np.maximum(last, above) + 1] - gain[above]) / (tied + 1),
+                                          0.0).mean())
+    return out
+
+
+def strict_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """A trained model's ranks as the benchmark counts them (ties against the target), in `ranks`' form."""
+    r = ranks(scores, targets)
+    return np.stack([r.sum(1), np.zeros(len(r), dtype=r.dtype)], axis=1)
 
 
 KINDS = ("companion", "same topic", "other topic")
@@ -144,11 +166,11 @@ def target_kinds(world: World, split: Split) -> np.ndarray:
 
 
 def by_kind(ranks_: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, float]]:
-    return {name: {"share": round(float((kinds == k).mean()), 4), **_pick(metrics_from_ranks(ranks_[kinds == k]))}
+    return {name: {"share": round(float((kinds == k).mean()), 4), **_pick(metrics(ranks_[kinds == k]))}
             for k, name in enumerate(KINDS)}
 
 
-def oracle_ranks(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
+def oracle_ranks(world: World, split: Split, held: np.ndarray | None = None,
                  bias: float = 1.0) -> np.ndarray:
     out = []
     for start in range(0, len(split), 512):
@@ -156,11 +178,11 @@ def oracle_ranks(world: World, split: Split, rng: np.random.Generator, held: np.
         s = world.scores(hist, held)
         if held is not None and bias != 1.0:
             s[:, held] *= bias
-        out.append(ranks(s, targets, rng))
+        out.append(ranks(s, targets))
     return np.concatenate(out)
 
 
-def transition_ranks(data: SplitData, split: Split, rng: np.random.Generator) -> np.ndarray:
+def transition_ranks(data: SplitData, split: Split) -> np.ndarray:
     """A first-order count model for reference: score(j) = how often j followed the last history
     item in the training rows, plus a fraction of j's training count (popularity breaks ties)."""
     n = data.num_items + 1
@@ -169,7 +191,7 @@ def transition_ranks(data: SplitData, split: Split, rng: np.random.Generator) ->
     np.add.at(counts, (last_of(data.train.histories), data.train.targets), 1.0)
     popularity = data.train_counts / (data.train_counts.max() + 1.0)
     s = counts[last_of(split.histories)] + popularity[None, :]
-    return ranks(s, split.targets, rng)
+    return ranks(s, split.targets)
 
 
 def model_scores(out: Path, setting: str, name: str, seed: int, args: argparse.Namespace) -> tuple[np.ndarray, Split]:
@@ -188,29 +210,23 @@ def model_scores(out: Path, setting: str, name: str, seed: int, args: argparse.N
         return all_scores(model, inputs.feats, sd.test, id_emb, model.encode_items(inputs.feats)).numpy(), sd.test
 
 
-def strict_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """The benchmark's ranks (metrics.target_ranks): ties count against the target."""
-    t = scores[np.arange(len(targets)), targets][:, None]
-    ahead = (scores > t) | ((scores == t) & (np.arange(scores.shape[1]) != targets[:, None]))
-    return ahead.sum(1)
-
-
 def ahead_of_target(world: World, scores: np.ndarray, split: Split, held: np.ndarray) -> dict[str, float]:
     """Median, over the users, of the items scored above the target, by kind: trained or held out,
-    of the target's topic or not."""
+    of the target's topic or not (an item tied with the target counts half: the expectation)."""
     t = scores[np.arange(len(split)), split.targets][:, None]
-    ahead = scores > t
-    ahead[:, 0] = False
+    tied = scores == t
+    tied[np.arange(len(split)), split.targets] = False
+    ahead = (scores > t) + 0.5 * tied
+    ahead[:, 0] = 0.0
     same = world.topic[None, :] == world.topic[split.targets][:, None]
     parts = {"same_topic_trained": same & ~held, "same_topic_new": same & held, "other_topic_trained": ~same & ~held,
              "other_topic_new": ~same & held}
     return {"rank": float(np.median(ahead.sum(1))),
-            **{name: float(np.median((ahead & mask).sum(1))) for name, mask in parts.items()}}
+            **{name: float(np.median((ahead * mask).sum(1))) for name, mask in parts.items()}}
 
 
-def evaluate(world: World, split: Split, rng: np.random.Generator, held: np.ndarray | None = None,
-             bias: float = 1.0) -> dict[str, float]:
-    return metrics_from_ranks(oracle_ranks(world, split, rng, held, bias))
+def evaluate(world: World, split: Split, held: np.ndarray | None = None, bias: float = 1.0) -> dict[str, float]:
+    return metrics(oracle_ranks(world, split, held, bias))
 
 
 def main() -> None:
@@ -221,7 +237,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("mp4sr-bench/oracle-cache"))
     parser.add_argument("--runs", type=Path, default=None,
                         help="results directory of `mp4sr-rt benchmark` on the same data (--data, and its --features): "
-                             "its finished normal-setting runs are broken down by target kind beside the oracle")
+                             "its finished runs of --seed stand beside the oracle (see above)")
     parser.add_argument("--features", type=Path, default=None, help="with --runs and --data: the benchmark's features")
     parser.add_argument("--models", default="mp4sr,sasrec,sasrec-features", help="with --runs")
     parser.add_argument("--seed", type=int, default=0, help="with --runs")
@@ -234,20 +250,24 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except (UserError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    rng = np.random.default_rng(0)
     rows = []
 
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    normal = oracle_ranks(world, data.test, rng)
+    normal = oracle_ranks(world, data.test)
     kinds = target_kinds(world, data.test)
-    emit({"setting": "normal", "model": "oracle", "users": len(data.test), **_pick(metrics_from_ranks(normal)),
+    emit({"setting": "normal", "model": "oracle", "users": len(data.test), **_pick(metrics(normal)),
           "by_target": by_kind(normal, kinds)})
-    counted = transition_ranks(data, data.test, rng)
+    every = np.ones(world.n, dtype=bool)
+    every[0] = False
+    topics = oracle_ranks(world, data.test, every)  # every item held out: its topic known, nothing else
+    emit({"setting": "normal", "model": "topics only", "users": len(data.test), **_pick(metrics(topics)),
+          "by_target": by_kind(topics, kinds)})
+    counted = transition_ranks(data, data.test)
     emit({"setting": "normal", "model": "first-order counts", "users": len(data.test),
-          **_pick(metrics_from_ranks(counted)), "by_target": by_kind(counted, kinds)})
+          **_pick(metrics(counted)), "by_target": by_kind(counted, kinds)})
     if args.runs is not None:
         for name in args.models.split(","):
             if not (args.runs / "normal" / name / f"seed-{args.seed}" / "metrics.json").is_file():
@@ -259,14 +279,13 @@ def main() -> None:
             np.put_along_axis(scores, split.histories, -np.inf, axis=1)  # the history's own items
             unseen = strict_ranks(scores, split.targets)
             emit({"setting": "normal", "model": name, "seed": args.seed, "users": len(split),
-                  **_pick(metrics_from_ranks(found)), "by_target": by_kind(found, kinds),
-                  "seen_left_out": _pick(metrics_from_ranks(unseen))})
+                  **_pick(metrics(found)), "by_target": by_kind(found, kinds),
+                  "seen_left_out": _pick(metrics(unseen))})
         held = hold_out_items(data, args.cold_fraction, args.seed)[1]
         cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
         oracle_scores = world.scores(cold_users.histories, held)
-        oracle_scores *= 1.0 + 1e-9 * rng.random(oracle_scores.shape)  # ties (items it cannot tell apart) at random
         emit({"setting": "cold-start", "model": "oracle", "seed": args.seed, "users": len(cold_users),
-              **_pick(evaluate(world, cold_users, rng, held)),
+              **_pick(evaluate(world, cold_users, held)),
               "ahead_of_target": ahead_of_target(world, oracle_scores, cold_users, held)})
         for name in args.models.split(","):
             if not (args.runs / "cold-start" / name / f"seed-{args.seed}" / "metrics.json").is_file():
@@ -275,14 +294,14 @@ def main() -> None:
             if not np.array_equal(split.targets, cold_users.targets):
                 raise SystemExit(f"error: {args.runs} was not run on the same data as the oracle")
             emit({"setting": "cold-start", "model": name, "seed": args.seed, "users": len(split),
-                  **_pick(metrics_from_ranks(strict_ranks(scores, split.targets))),
+                  **_pick(metrics(strict_ranks(scores, split.targets))),
                   "ahead_of_target": ahead_of_target(world, scores, split, held)})
     for seed in seeds:
         cold_data, held = hold_out_items(data, args.cold_fraction, seed)
         cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
         for bias in BIASES:
-            subset = evaluate(world, cold_users, rng, held, bias)
-            every = evaluate(world, cold_data.test, rng, held, bias)
+            subset = evaluate(world, cold_users, held, bias)
+            every = evaluate(world, cold_data.test, held, bias)
             share = _share_top20(world, cold_data.test, held, bias)
             emit({"setting": "cold-start", "seed": seed, "bias": bias, "cold_users": len(cold_users),
                   "new_item_targets": _pick(subset), "every_user": _pick(every), "new_share_top20": share})

@@ -81,3 +81,5 @@ done
   >docs/bench/oracle-demo.txt
 "$BIN/python" benchmarks/id_diagnostics.py "$OUT/demo" --models mp4sr --seed 0 --neighbours 10,50 \
   | grep cold-start >docs/bench/cold-neighbours.jsonl
+"$BIN/python" benchmarks/id_diagnostics.py "$OUT/demo" --models mp4sr,sasrec-features --seed 0 \
+  | grep '"normal"' >docs/bench/feature-only.jsonl

@@ -33,11 +33,21 @@ def test_probabilities_are_a_distribution_over_unseen_items(world):
 def test_a_companion_target_ranks_first_and_targets_are_likely(world):
     w, data = world
     kinds = oracle.target_kinds(w, data.test)
-    ranks = oracle.oracle_ranks(w, data.test, np.random.default_rng(0))
+    ranks = oracle.oracle_ranks(w, data.test)  # (users, 2): items above the target, items tied with it
     assert 0.15 < (kinds == 0).mean() < 0.35  # the generator's 25% companion steps, less those already seen
-    assert (ranks[kinds == 0] == 0).mean() > 0.9  # a nearly exhausted topic can outweigh the companion
+    assert (ranks[kinds == 0].sum(1) == 0).mean() > 0.9  # a nearly exhausted topic can outweigh the companion
     # Ranked by the generator's probabilities, the targets sit far above chance.
-    assert np.median(ranks) < 0.05 * data.num_items
+    assert np.median(ranks.sum(1)) < 0.05 * data.num_items
+
+
+def test_metrics_take_the_expectation_over_tied_items():
+    from mp4sr_train.metrics import metrics_from_ranks
+
+    # 2 items above the target, 3 tied with it: its rank is 2, 3, 4 or 5, each as likely.
+    got = oracle.metrics(np.array([[2, 3], [0, 0], [7, 0]]))
+    every_order = [metrics_from_ranks(np.array([r, 0, 7])) for r in (2, 3, 4, 5)]
+    for key in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "ndcg@50"):
+        assert got[key] == pytest.approx(np.mean([m[key] for m in every_order]))
 
 
 def test_the_calibrated_oracle_cannot_tell_held_out_items_apart_by_popularity(world):
