@@ -284,6 +284,9 @@ def write_extractor_files(text, clip, vocabulary: list[str] | None, features: di
     return preprocessing
 
 
+ITEM_TABLE = "item_table.npy"  # the serving table, for a model whose candidates have ID rows of their own
+
+
 def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
     """items.json (vocabulary, training popularity), item_inputs.npy (sequence-input vectors) and,
     for a model whose candidates have ID rows of their own, item_table.npy (the serving table)."""
@@ -293,9 +296,6 @@ def write_catalogue(ckpt: Checkpoint, staging: Path) -> None:
     np.save(staging / "item_inputs.npy", concat_modalities(inputs).numpy().astype(np.float32))  # (N + 1, M d)
     if has_own_table(ckpt):
         np.save(staging / ITEM_TABLE, serving_table(outputs).numpy().astype(np.float32))
-
-
-ITEM_TABLE = "item_table.npy"
 
 
 def has_own_table(ckpt: Checkpoint) -> bool:
