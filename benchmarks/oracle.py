@@ -170,16 +170,9 @@ def by_kind(ranks_: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, float]
             for k, name in enumerate(KINDS)}
 
 
-def oracle_ranks(world: World, split: Split, held: np.ndarray | None = None,
-                 bias: float = 1.0) -> np.ndarray:
-    out = []
-    for start in range(0, len(split), 512):
-        hist, targets = split.histories[start:start + 512], split.targets[start:start + 512]
-        s = world.scores(hist, held)
-        if held is not None and bias != 1.0:
-            s[:, held] *= bias
-        out.append(ranks(s, targets))
-    return np.concatenate(out)
+def oracle_ranks(world: World, split: Split, held: np.ndarray | None = None) -> np.ndarray:
+    return np.concatenate([ranks(world.scores(split.histories[i:i + 512], held), split.targets[i:i + 512])
+                           for i in range(0, len(split), 512)])
 
 
 def transition_ranks(data: SplitData, split: Split) -> np.ndarray:
@@ -223,10 +216,6 @@ def ahead_of_target(world: World, scores: np.ndarray, split: Split, held: np.nda
              "other_topic_new": ~same & held}
     return {"rank": float(np.median(ahead.sum(1))),
             **{name: float(np.median((ahead * mask).sum(1))) for name, mask in parts.items()}}
-
-
-def evaluate(world: World, split: Split, held: np.ndarray | None = None, bias: float = 1.0) -> dict[str, float]:
-    return metrics(oracle_ranks(world, split, held, bias))
 
 
 def main() -> None:
@@ -285,7 +274,7 @@ def main() -> None:
         cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
         oracle_scores = world.scores(cold_users.histories, held)
         emit({"setting": "cold-start", "model": "oracle", "seed": args.seed, "users": len(cold_users),
-              **_pick(evaluate(world, cold_users, held)),
+              **_pick(metrics(oracle_ranks(world, cold_users, held))),
               "ahead_of_target": ahead_of_target(world, oracle_scores, cold_users, held)})
         for name in args.models.split(","):
             if not (args.runs / "cold-start" / name / f"seed-{args.seed}" / "metrics.json").is_file():
@@ -297,23 +286,18 @@ def main() -> None:
                   **_pick(metrics(strict_ranks(scores, split.targets))),
                   "ahead_of_target": ahead_of_target(world, scores, split, held)})
     for seed in seeds:
-        cold_data, held = hold_out_items(data, args.cold_fraction, seed)
-        cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
+        held = hold_out_items(data, args.cold_fraction, seed)[1]  # the test split stays as it is
+        cold = held[data.test.targets]  # the users whose target is a held-out item
+        base = world.scores(data.test.histories, held)  # every user's, once per draw
         for bias in BIASES:
-            subset = evaluate(world, cold_users, held, bias)
-            every = evaluate(world, cold_data.test, held, bias)
-            share = _share_top20(world, cold_data.test, held, bias)
-            emit({"setting": "cold-start", "seed": seed, "bias": bias, "cold_users": len(cold_users),
-                  "new_item_targets": _pick(subset), "every_user": _pick(every), "new_share_top20": share})
+            s = base * np.where(held, bias, 1.0)
+            r = ranks(s, data.test.targets)
+            s[:, 0] = -np.inf
+            share = float(held[np.argpartition(-s, 20, axis=1)[:, :20]].mean())
+            emit({"setting": "cold-start", "seed": seed, "bias": bias, "cold_users": int(cold.sum()),
+                  "new_item_targets": _pick(metrics(r[cold])), "every_user": _pick(metrics(r)),
+                  "new_share_top20": share})
     _table(rows)
-
-
-def _share_top20(world: World, split: Split, held: np.ndarray, bias: float) -> float:
-    s = world.scores(split.histories, held)
-    s[:, held] *= bias
-    s[:, 0] = -np.inf
-    top = np.argpartition(-s, 20, axis=1)[:, :20]
-    return float(held[top].mean())
 
 
 def _pick(metrics: dict[str, float]) -> dict[str, float]:
