@@ -235,3 +235,17 @@ def test_every_model_override_names_a_config_key_of_every_preset():
                     node = node[key]
                 expected = tuple(value) if isinstance(value, list) else value  # sequences load as tuples
                 assert node == expected, (name, spec.name, dotted)
+
+
+def test_first_seed_runs_the_later_seeds_that_a_run_over_all_of_them_reuses(tiny_data_dir, tmp_path):
+    out = tmp_path / "bench"
+    common = ["benchmark", "--data", tiny_data_dir, "--features", tiny_data_dir / "features.safetensors",
+              "--preset", "tiny", "--epochs", "1", "--models", "popularity,sasrec", "--settings", "normal",
+              "--out", out, "--quiet"]
+    later = CliRunner().invoke(app, list(map(str, [*common, "--first-seed", "1", "--seeds", "1"])))
+    assert later.exit_code == 0, later.output
+    assert sorted(p.name for p in (out / "normal" / "sasrec").iterdir()) == ["seed-1"]
+    every = CliRunner().invoke(app, list(map(str, [*common, "--seeds", "2"])))
+    assert every.exit_code == 0, every.output
+    assert every.stderr.count("finished earlier") == 2  # seed 1 of both models; seed 0 trained now
+    assert "Seeds 0, 1" in (out / "results.md").read_text()

@@ -209,6 +209,45 @@ def test_paper_preset_keeps_the_paper_id_embedding_and_old_checkpoints_load_as_s
     assert ckpt.cfg.train.ids == config_lib.PAPER_IDS and ckpt.id_emb.project is None
 
 
+def test_a_stored_config_without_a_setting_added_since_reads_as_the_run_made_it():
+    values = config_lib.to_dict(preset("demo"))
+    values["train"].pop("finetune_encoder_lr")
+    values["train"]["ids"].pop("candidate_rows")
+    upgraded = config_lib.from_dict(config_lib.upgrade(values))
+    assert upgraded.train.finetune_encoder_lr == 1.0 and upgraded.train.ids.candidate_rows == "tied"
+    assert "finetune_encoder_lr" not in values["train"]  # the input is left as it was
+    values["train"].pop("ids")
+    assert config_lib.from_dict(config_lib.upgrade(values)).train.ids == config_lib.PAPER_IDS
+    # A value the stored config has is kept.
+    kept = config_lib.to_dict(config_lib.replace(preset("demo"), {"train.finetune_encoder_lr": 0.5}))
+    assert config_lib.from_dict(config_lib.upgrade(kept)).train.finetune_encoder_lr == 0.5
+
+
+def test_fine_tuning_trains_the_pre_trained_encoders_at_their_own_learning_rate(tiny_data_dir, tmp_path):
+    """`encoder_lr` (train.finetune_encoder_lr when fine-tuning a pre-trained model): the model's
+    parameters step at lr times it, the ID embedding at lr; 0 freezes the encoders."""
+    import torch
+    from mp4sr_train.data import load_or_preprocess
+    from mp4sr_train.loop import StageRunner
+    from mp4sr_train.model import M2SE, ItemIdEmbedding
+    from mp4sr_train.run import load_item_features
+
+    cfg = preset("tiny")
+    data, _ = load_or_preprocess(tiny_data_dir, tmp_path / "cache", cfg.data.max_len, cfg.data.min_interactions)
+    feats, _ = load_item_features(tiny_data_dir / "features.safetensors", data, torch.device("cpu"))
+    model = M2SE(cfg.model, feats.dim)
+    id_emb = ItemIdEmbedding.create(cfg.train.ids, data.num_items, cfg.model.d,
+                                    torch.as_tensor(data.train_counts > 0), len(cfg.model.modalities))
+    runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, data, tmp_path / "ft",
+                         progress=False, encoder_lr=0.0)
+    assert [g["lr"] for g in runner.optimizer.param_groups] == [0.0, cfg.train.finetune.lr]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids_before = id_emb.weight.detach().clone()
+    runner.run()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(id_emb.weight.detach(), ids_before)
+
+
 def test_data_without_enough_users_fails_before_features_or_out_are_made(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

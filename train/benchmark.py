@@ -103,6 +103,10 @@ MODELS = (
              "residual"),
     ModelSpec("ids-untied-pretrain-3", "MP4SR, untied candidate ID rows, pre-training up to 3 epochs", "ablation",
               pretrain=True, overrides={"train.ids.candidate_rows": "untied", "train.pretrain.epochs": 3}),
+    ablation("encoder-lr-0.1", "fine-tuning the encoders at 0.1 x lr", "train.finetune_encoder_lr", 0.1),
+    ablation("encoder-lr-0.3", "fine-tuning the encoders at 0.3 x lr", "train.finetune_encoder_lr", 0.3),
+    ModelSpec("encoder-lr-0.1-40", "MP4SR, fine-tuning the encoders at 0.1 x lr, up to 40 epochs", "ablation",
+              pretrain=True, overrides={"train.finetune_encoder_lr": 0.1, "train.finetune.epochs": 40}),
     ablation("tau-0.1", "temperature 0.1 (both stages)", "train.tau", 0.1),
     ablation("tau-0.05", "temperature 0.05 (both stages)", "train.tau", 0.05),
     ablation("dropout-0.5", "transformer dropout 0.5", "model.dropout", 0.5),
@@ -296,6 +300,7 @@ def train_and_test(
         runner = StageRunner(
             stage, getattr(cfg.train, stage), cfg, model, id_emb, sd.train_feats, sd.train_data,
             pretrained if stage == "pretrain" else directory / "stages" / stage, progress,
+            encoder_lr=cfg.train.finetune_encoder_lr if stage == "finetune" and spec.pretrain else 1.0,
         )
         runner.resume()
         result = runner.run()

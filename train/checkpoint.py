@@ -8,7 +8,6 @@ Nothing is pickled.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +80,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         raise UserError(f"checkpoint sidecar {sidecar_path} is not valid JSON: {e}") from None
     if meta.get("schema") != SCHEMA:
         raise UserError(f"checkpoint {sidecar_path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-    values = meta["config"]
-    if "ids" not in values.get("train", {}):  # written before the ID settings existed: the paper's
-        values = {**values, "train": {**values["train"], "ids": dataclasses.asdict(config_lib.PAPER_IDS)}}
-    if "candidate_rows" not in values["train"]["ids"]:  # written before candidate ID rows existed: tied
-        values["train"]["ids"] = {**values["train"]["ids"], "candidate_rows": "tied"}
-    cfg = config_lib.from_dict(values)
+    cfg = config_lib.from_dict(config_lib.upgrade(meta["config"]))  # settings added since: as it trained
     model = M2SE(cfg.model, meta["feat_dim"])
     try:
         tensors = load_file(str(directory / "model.safetensors"), device=device)

@@ -134,6 +134,10 @@ def benchmark(
         "every choice."
     ),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0, 1, ...) each model runs with."),
+    first_seed: int = typer.Option(
+        0, min=0, help="The first seed: --first-seed 1 --seeds 2 runs seeds 1 and 2 (for example beside another "
+        "process running seed 0 into the same --out; a later run over all the seeds reuses both)."
+    ),
     preset: str = typer.Option("demo", help="Config preset: demo, tiny or paper."),
     epochs: int | None = typer.Option(None, min=1, help="Override the epochs of both stages (a shortened schedule)."),
     settings: str = typer.Option("all", help="Comma-separated settings, or all: normal, cold-start."),
@@ -160,8 +164,9 @@ def benchmark(
     if epochs is not None:
         cfg = config_lib.replace(cfg, {"train.pretrain.epochs": epochs, "train.finetune.epochs": epochs})
     options = BenchmarkOptions(
-        cfg=cfg, seeds=tuple(range(seeds)), out=out, models=select_models(models), data=data, features=features,
-        cold_fraction=cold_fraction, settings=select_settings(settings), device=device, progress=not quiet,
+        cfg=cfg, seeds=tuple(range(first_seed, first_seed + seeds)), out=out, models=select_models(models),
+        data=data, features=features, cold_fraction=cold_fraction, settings=select_settings(settings), device=device,
+        progress=not quiet,
     )
     result = run_benchmark(options)
     report = report or out / "results.md"

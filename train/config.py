@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,12 +157,16 @@ class TrainConfig:
     valid_users: int = 0
     seed: int = 0
     ids: IdConfig = field(default_factory=IdConfig)
+    # Fine-tuning a pre-trained model: the learning rate of its item and sequence encoders is
+    # finetune.lr times this (the new item-ID embedding keeps finetune.lr). A model fine-tuned
+    # from scratch trains everything at finetune.lr.
+    finetune_encoder_lr: float = 1.0
     softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
 
     def __post_init__(self) -> None:
         _check(self, tau=(1e-6, 100, False), cmcl_weight=(0, None, False), drop_max=(0, 0.99, False),
                mixup_max=(0, 1, False), eval_batch_size=(1, None, True), valid_users=(0, None, True),
-               seed=(0, 2**63 - 1, True))
+               seed=(0, 2**63 - 1, True), finetune_encoder_lr=(0, 10, False))
 
 
 @dataclass(frozen=True)
@@ -251,7 +256,7 @@ _NESTED = {
 }
 
 # Config parts that only fine-tuning reads: runs that differ in these alone share pre-training.
-FINETUNE_ONLY = ("train.finetune", "train.ids")
+FINETUNE_ONLY = ("train.finetune", "train.ids", "train.finetune_encoder_lr")
 
 
 def pretrain_view(cfg: Config) -> dict[str, Any]:
@@ -275,6 +280,30 @@ def present_modalities(cfg: Config, present: tuple[str, ...]) -> tuple[Config, t
         return cfg, ()
     dropped = tuple(m for m in cfg.model.modalities if m not in kept)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, modalities=kept)), dropped
+
+
+# Settings added after runs and checkpoints were already being written, with the value that
+# reproduces what such a run did (not necessarily today's default): a stored config without one
+# reads as having that value (`upgrade`).
+ADDED = {
+    "train.ids": dataclasses.asdict(PAPER_IDS),
+    "train.ids.candidate_rows": "tied",
+    "train.finetune_encoder_lr": 1.0,
+}
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (to_dict output, any version) with the settings added since it was written
+    filled in as ADDED says; a copy, the input unchanged."""
+    values = copy.deepcopy(values)
+    for dotted, value in ADDED.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = copy.deepcopy(value)
+    return values
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -174,7 +174,7 @@ class StageRunner:
     def __init__(
         self, name: str, stage_cfg: StageConfig, cfg: Config, model: M2SE,
         id_emb: ItemIdEmbedding | None, feats: ItemFeatures, data: SplitData, directory: Path,
-        progress: bool = True, world: World | None = None,
+        progress: bool = True, world: World | None = None, encoder_lr: float = 1.0,
     ):
         self.world = world or World()
         progress = progress and self.world.main
@@ -184,9 +184,12 @@ class StageRunner:
         self.progress = progress
         params = list(model.parameters()) + (list(id_emb.parameters()) if id_emb else [])
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = torch.optim.Adam(
-            self.params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay
-        )
+        # `encoder_lr`: the model's own parameters learn at lr times this, the ID embedding at lr
+        # (fine-tuning a pre-trained model: train.finetune_encoder_lr).
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": stage_cfg.lr * encoder_lr}]
+        if id_emb is not None:
+            groups.append({"params": [p for p in id_emb.parameters() if p.requires_grad]})
+        self.optimizer = torch.optim.Adam(groups, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
         self.generator = torch.Generator(device=feats.device).manual_seed(cfg.train.seed)
         # A large catalogue (train.softmax): steps encode only their items, fine-tuning's softmax
         # runs over in-batch and shared sampled negatives with the log-Q correction.
@@ -323,10 +326,12 @@ def run_fingerprint(cfg: Config, data_key: str, features_sha: str) -> dict[str, 
 
 def stored_fingerprint(path: Path) -> dict[str, Any]:
     """A run.json as run_fingerprint would write it today: a config written before a setting existed
-    reads as having that setting's default (what the run trained with), so it still matches."""
+    reads as having the value the run trained with (config.upgrade), so it matches a run made with
+    that value today and no other."""
     stored = json.loads(path.read_text())
     try:
-        stored["config"] = json.loads(json.dumps(config_lib.to_dict(config_lib.from_dict(stored["config"]))))
+        config = config_lib.from_dict(config_lib.upgrade(stored["config"]))
+        stored["config"] = json.loads(json.dumps(config_lib.to_dict(config)))
     except (UserError, KeyError, TypeError):
         pass  # a setting this version no longer has: the comparison tells it apart
     return stored

@@ -179,8 +179,10 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
     id_emb = None
     if stage in ("all", "finetune"):
         pretrained = out / "stages" / "pretrain" / "best.safetensors"
+        from_pretrained = stage == "all"
         if stage == "finetune":
-            if pretrained.is_file():
+            from_pretrained = pretrained.is_file()
+            if from_pretrained:
                 load_state(load_file(str(pretrained), device=str(dev)), model, None)
                 say(f"finetune: starting from the pre-trained weights in {pretrained.parent}")
             else:
@@ -189,7 +191,8 @@ def _train(cfg: Config, data: Path | None, features: Path | None, out: Path, sta
         id_emb = ItemIdEmbedding.create(cfg.train.ids, split.num_items, cfg.model.d, known,
                                         len(cfg.model.modalities)).to(dev)
         runner = StageRunner("finetune", cfg.train.finetune, cfg, model, id_emb, feats, split,
-                             out / "stages" / "finetune", progress, world)
+                             out / "stages" / "finetune", progress, world,
+                             cfg.train.finetune_encoder_lr if from_pretrained else 1.0)
         if resume and runner.resume():
             say("finetune: finished earlier, loading its best epoch")
         results["finetune"] = runner.run()
