@@ -19,9 +19,12 @@
 #    configurations, normal setting; then the generator's own probabilities beside the trained models
 #    (benchmarks/oracle.py) -> docs/bench/oracle-demo.txt and docs/bench/cold-neighbours.jsonl; width
 #    128 -> docs/results-ablations-width.md
+# 8. the pre-trained encoders' learning rate in fine-tuning (train.finetune_encoder_lr, 0 to 0.3 x lr),
+#    1 seed, both settings -> docs/results-ablations-encoder-lr*.md, docs/bench/encoder-lr-cold.jsonl;
+#    0.1 x lr for up to 40 epochs, 3 seeds, normal -> docs/results-finetune-encoder-lr.md
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
-# step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours.
+# step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours, step 8 about 1.5 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -83,3 +86,14 @@ done
   | grep cold-start >docs/bench/cold-neighbours.jsonl
 "$BIN/python" benchmarks/id_diagnostics.py "$OUT/demo" --models mp4sr,sasrec-features --seed 0 \
   | grep '"normal"' >docs/bench/feature-only.jsonl
+# 8. the pre-trained encoders' learning rate in fine-tuning (train.finetune_encoder_lr): 1 seed, both
+#    settings, and 3 seeds of the 0.1 x lr variant beside the baselines (normal setting)
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
+  --models mp4sr,encoder-lr-0.3,encoder-lr-0.1,encoder-lr-0.1-40,text-only \
+  --report docs/results-ablations-encoder-lr.md </dev/null
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings cold-start --seeds 1 \
+  --models mp4sr,encoder-lr-0.1,encoder-lr-0 --report docs/results-ablations-encoder-lr-cold-start.md </dev/null
+"$BIN/python" benchmarks/id_diagnostics.py "$OUT/demo" --models mp4sr,encoder-lr-0.1,encoder-lr-0 --seed 0 \
+  --offsets=-0.05,0,0.05,0.1 >docs/bench/encoder-lr-cold.jsonl
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 3 \
+  --models mp4sr,sasrec,sasrec-features,encoder-lr-0.1-40 --report docs/results-finetune-encoder-lr.md </dev/null

@@ -104,6 +104,7 @@ MODELS = (
     ModelSpec("ids-untied-pretrain-3", "MP4SR, untied candidate ID rows, pre-training up to 3 epochs", "ablation",
               pretrain=True, overrides={"train.ids.candidate_rows": "untied", "train.pretrain.epochs": 3}),
     ablation("encoder-lr-0.1", "fine-tuning the encoders at 0.1 x lr", "train.finetune_encoder_lr", 0.1),
+    ablation("encoder-lr-0", "the pre-trained encoders frozen in fine-tuning", "train.finetune_encoder_lr", 0.0),
     ablation("encoder-lr-0.3", "fine-tuning the encoders at 0.3 x lr", "train.finetune_encoder_lr", 0.3),
     ModelSpec("encoder-lr-0.1-40", "MP4SR, fine-tuning the encoders at 0.1 x lr, up to 40 epochs", "ablation",
               pretrain=True, overrides={"train.finetune_encoder_lr": 0.1, "train.finetune.epochs": 40}),
