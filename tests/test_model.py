@@ -322,3 +322,29 @@ def test_a_modality_no_item_has_leaves_the_model(feats):
     _, parts = pretrain_loss(M2SE(kept.model, FEAT).train(), text_only, ids, targets, kept.train,
                              torch.Generator().manual_seed(0))
     assert set(parts) == {"nip_text", "nip_image", "cmcl"}
+
+def test_popularity_smoothing_moves_that_share_of_the_target_mass_onto_the_prior(model, feats):
+    """finetune_loss with `train.popularity_smoothing` e and a prior q: (1 - e) CE(target) + e CE(q);
+    0 (the default) is the plain cross-entropy, whatever the prior."""
+    from mp4sr_train.tasks import full_scores
+
+    n = len(feats) - 1
+    known = torch.ones(n + 1, dtype=torch.bool)
+    known[0] = False
+    id_emb = ItemIdEmbedding(n, model.cfg.d, known)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    targets = torch.tensor([6, 7])
+    prior = torch.rand(n + 1)
+    prior[0] = 0.0
+    prior = prior / prior.sum()
+    model.eval()
+    no_drop = IdConfig(dropout=0.0)  # no random ID dropout: the same logits in every call
+    plain, _ = finetune_loss(model, id_emb, feats, ids, targets, TrainConfig(ids=no_drop), prior=prior)
+    e = 0.3
+    smoothed, _ = finetune_loss(model, id_emb, feats, ids, targets, TrainConfig(ids=no_drop, popularity_smoothing=e),
+                                prior=prior)
+    with torch.no_grad():
+        log_p = torch.log_softmax(full_scores(model, feats, ids, id_emb) / TrainConfig().tau, dim=-1)
+    ce = -log_p[torch.arange(2), targets].mean()
+    torch.testing.assert_close(plain, ce)
+    torch.testing.assert_close(smoothed, (1 - e) * ce - e * (log_p[:, 1:] * prior[1:]).sum(-1).mean())

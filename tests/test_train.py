@@ -248,6 +248,15 @@ def test_fine_tuning_trains_the_pre_trained_encoders_at_their_own_learning_rate(
     assert not torch.equal(id_emb.weight.detach(), ids_before)
 
 
+def test_popularity_smoothing_with_the_sampled_softmax_is_one_clear_error(tiny_data_dir, tmp_path):
+    r = run_cli("train", "--preset", "tiny", "--data", tiny_data_dir, "--features",
+                tiny_data_dir / "features.safetensors", "--out", tmp_path / "run", "--epochs", "1", "--quiet",
+                "--stage", "finetune", "--set", "train.popularity_smoothing=0.2",
+                "--set", "train.softmax.kind=sampled")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train.popularity_smoothing needs the full softmax" in r.stderr
+
+
 def test_data_without_enough_users_fails_before_features_or_out_are_made(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

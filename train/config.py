@@ -161,12 +161,16 @@ class TrainConfig:
     # finetune.lr times this (the new item-ID embedding keeps finetune.lr). A model fine-tuned
     # from scratch trains everything at finetune.lr.
     finetune_encoder_lr: float = 1.0
+    # Fine-tuning's cross-entropy puts this share of its target mass on the training items'
+    # popularity (target counts) instead of the next item alone: label smoothing towards a prior.
+    popularity_smoothing: float = 0.0
     softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
 
     def __post_init__(self) -> None:
         _check(self, tau=(1e-6, 100, False), cmcl_weight=(0, None, False), drop_max=(0, 0.99, False),
                mixup_max=(0, 1, False), eval_batch_size=(1, None, True), valid_users=(0, None, True),
-               seed=(0, 2**63 - 1, True), finetune_encoder_lr=(0, 10, False))
+               seed=(0, 2**63 - 1, True), finetune_encoder_lr=(0, 10, False),
+               popularity_smoothing=(0, 0.99, False))
 
 
 @dataclass(frozen=True)
@@ -256,7 +260,7 @@ _NESTED = {
 }
 
 # Config parts that only fine-tuning reads: runs that differ in these alone share pre-training.
-FINETUNE_ONLY = ("train.finetune", "train.ids", "train.finetune_encoder_lr")
+FINETUNE_ONLY = ("train.finetune", "train.ids", "train.finetune_encoder_lr", "train.popularity_smoothing")
 
 
 def pretrain_view(cfg: Config) -> dict[str, Any]:
@@ -289,6 +293,7 @@ ADDED = {
     "train.ids": dataclasses.asdict(PAPER_IDS),
     "train.ids.candidate_rows": "tied",
     "train.finetune_encoder_lr": 1.0,
+    "train.popularity_smoothing": 0.0,
 }
 
 

@@ -198,6 +198,17 @@ class StageRunner:
         if sm.sampled(data.num_items):
             counts = np.bincount(data.train.targets, minlength=data.num_items + 1)
             self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.device)
+        # Fine-tuning with popularity smoothing: the prior is the training targets' distribution.
+        self.prior = None
+        if cfg.train.popularity_smoothing > 0 and id_emb is not None:
+            if self.sample is not None:
+                raise UserError("train.popularity_smoothing needs the full softmax over the catalogue; this "
+                                f"catalogue ({data.num_items} items) trains with the sampled one: set "
+                                "train.softmax.kind=full, or train.popularity_smoothing=0")
+            counts = torch.as_tensor(np.bincount(data.train.targets, minlength=data.num_items + 1),
+                                     dtype=torch.float32)
+            counts[0] = 0.0
+            self.prior = (counts / counts.sum()).to(feats.device)
         self.step: torch.nn.Module = StepLoss(self)
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -247,7 +258,7 @@ class StageRunner:
         if self.name == "pretrain":
             return pretrain_loss(self.model, self.feats, ids, targets, self.cfg.train, self.generator, self.sample)
         return finetune_loss(self.model, self.id_emb, self.feats, ids, targets, self.cfg.train, self.generator,
-                             self.sample)
+                             self.sample, self.prior)
 
     def _epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()

@@ -172,8 +172,10 @@ def full_scores(
 def finetune_loss(
     model: M2SE, id_emb: ItemIdEmbedding, feats: ItemFeatures, ids: Tensor, targets: Tensor,
     cfg: TrainConfig, generator: torch.Generator | None = None, sample: NegativeSample | None = None,
+    prior: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy of score / tau over the full catalogue (padding column excluded).
+    """Cross-entropy of score / tau over the full catalogue (padding column excluded); with
+    `prior` (N + 1,) a distribution over items, `cfg.popularity_smoothing` of the target mass on it.
 
     With `cfg.ids.dropout` > 0, a fresh random share of the items loses its ID row for this step,
     in the histories and among the candidates alike (DropoutNet, Volkovs et al. 2017): the model
@@ -187,7 +189,12 @@ def finetune_loss(
         drop = torch.rand(z.shape[1], device=z.device, generator=generator) < cfg.ids.dropout
     logits = full_scores(model, feats, ids, id_emb, z, drop) / cfg.tau
     loss = F.cross_entropy(logits, targets)
-    return loss, {"ce": float(loss.detach())}
+    parts = {"ce": float(loss.detach())}
+    if prior is not None and cfg.popularity_smoothing > 0:
+        log_p = F.log_softmax(logits, dim=-1)[:, 1:]
+        smooth = -(log_p * prior[1:]).sum(-1).mean()
+        loss = (1 - cfg.popularity_smoothing) * loss + cfg.popularity_smoothing * smooth
+    return loss, parts
 
 
 def sampled_finetune_loss(
