@@ -22,11 +22,12 @@
 # 8. the pre-trained encoders' learning rate in fine-tuning (train.finetune_encoder_lr, 0 to 0.3 x lr),
 #    1 seed, both settings -> docs/results-ablations-encoder-lr*.md, docs/bench/encoder-lr-cold.jsonl;
 #    0.1 x lr for up to 40 epochs, 3 seeds, normal -> docs/results-finetune-encoder-lr.md
-# 9. popularity smoothing (train.popularity_smoothing) for MP4SR and for both SASRec baselines, 1 seed,
-#    normal -> docs/results-ablations-popularity-smoothing.md
+# 9. popularity smoothing (train.popularity_smoothing) for MP4SR and for both SASRec baselines, normal
+#    setting, 1 seed -> docs/results-ablations-popularity-smoothing.md, 3 seeds at 0.3 ->
+#    docs/results-popularity-smoothing.md
 # Each step runs its two settings in two processes of one thread each (a 2-core machine); a rerun
 # skips every finished run. Steps 1 and 2 take about 1.5 hours on a 2-core CPU, step 3 about 40 minutes,
-# step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours, step 8 about 1.5 hours, step 9 about 30 minutes.
+# step 4 about 25, step 5 about 30, step 6 about 2 hours, step 7 about 1.5 hours, step 8 about 1.5 hours, step 9 about 1 hour.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-mp4sr-bench}
@@ -103,3 +104,6 @@ done
 "$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 1 \
   --models mp4sr,sasrec,sasrec-features,pop-smooth-0.1,pop-smooth-0.3,sasrec-pop-smooth-0.3,sasrec-features-pop-smooth-0.3 \
   --report docs/results-ablations-popularity-smoothing.md </dev/null
+"$BIN/mp4sr-rt" benchmark --out "$OUT/demo" --quiet --threads 1 --settings normal --seeds 3 \
+  --models mp4sr,sasrec,sasrec-features,pop-smooth-0.3,sasrec-pop-smooth-0.3,sasrec-features-pop-smooth-0.3 \
+  --report docs/results-popularity-smoothing.md </dev/null
