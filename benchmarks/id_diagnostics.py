@@ -99,11 +99,7 @@ def neighbour_sweep(model, split, z, rows, trained, untrained, counts, ks) -> li
             inputs = z + imputed
             scores = torch.cat([score(model.encode_history(torch.as_tensor(split.histories[i : i + 500]), inputs),
                                       candidates(inputs)) for i in range(0, len(split), 500)])
-            ranks = target_ranks(scores, targets).numpy()
-            top = scores.topk(20, dim=-1).indices
-            out.append({"k": k, "weighted": weighted, "share_top20": float(untrained[top].float().mean()),
-                        **{f"ndcg@20_{part}": metrics_from_ranks(ranks[mask])["ndcg@20"]
-                           for part, mask in (("cold", cold), ("other", ~cold), ("all", np.ones_like(cold)))}})
+            out.append({"k": k, "weighted": weighted, **placement(scores, targets, untrained, cold)})
     return out
 
 
@@ -124,12 +120,18 @@ def offset_sweep(model, feats, split, id_emb, z, untrained, offsets) -> list[dic
     cold = untrained[targets].numpy()
     rows = []
     for offset in offsets:
-        shifted = scores + offset * untrained.to(scores.dtype)
-        ranks = target_ranks(shifted, targets).numpy()
-        rows.append({"offset": offset, "share_top20": float(untrained[shifted.topk(20, dim=-1).indices].float().mean()),
-                     **{f"ndcg@20_{part}": metrics_from_ranks(ranks[mask])["ndcg@20"]
-                        for part, mask in (("cold", cold), ("other", ~cold), ("all", np.ones_like(cold)))}})
+        rows.append({"offset": offset, **placement(scores + offset * untrained.to(scores.dtype), targets, untrained,
+                                                   cold)})
     return rows
+
+
+def placement(scores, targets, untrained, cold) -> dict[str, float]:
+    """The new items' share of the top 20 and NDCG@20 of the cold test users (`cold`: their target
+    is new), of the others and of all, for scores (B, N + 1) of every item."""
+    ranks = target_ranks(scores, targets).numpy()
+    return {"share_top20": float(untrained[scores.topk(20, dim=-1).indices].float().mean()),
+            **{f"ndcg@20_{part}": metrics_from_ranks(ranks[mask])["ndcg@20"]
+               for part, mask in (("cold", cold), ("other", ~cold), ("all", np.ones_like(cold)))}}
 
 
 def main() -> None:

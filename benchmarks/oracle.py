@@ -274,7 +274,7 @@ def main() -> None:
         cold_users = Split(data.test.histories[held[data.test.targets]], data.test.targets[held[data.test.targets]])
         oracle_scores = world.scores(cold_users.histories, held)
         emit({"setting": "cold-start", "model": "oracle", "seed": args.seed, "users": len(cold_users),
-              **_pick(metrics(oracle_ranks(world, cold_users, held))),
+              **_pick(metrics(ranks(oracle_scores, cold_users.targets))),
               "ahead_of_target": ahead_of_target(world, oracle_scores, cold_users, held)})
         for name in args.models.split(","):
             if not (args.runs / "cold-start" / name / f"seed-{args.seed}" / "metrics.json").is_file():

@@ -182,21 +182,20 @@ class StageRunner:
         self.model, self.id_emb, self.feats, self.data = model, id_emb, feats, data
         self.dir = directory
         self.progress = progress
-        params = list(model.parameters()) + (list(id_emb.parameters()) if id_emb else [])
-        self.params = [p for p in params if p.requires_grad]
         # `encoder_lr`: the model's own parameters learn at lr times this, the ID embedding at lr
         # (fine-tuning a pre-trained model: train.finetune_encoder_lr).
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": stage_cfg.lr * encoder_lr}]
         if id_emb is not None:
             groups.append({"params": [p for p in id_emb.parameters() if p.requires_grad]})
+        self.params = [p for group in groups for p in group["params"]]
         self.optimizer = torch.optim.Adam(groups, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
         self.generator = torch.Generator(device=feats.device).manual_seed(cfg.train.seed)
         # A large catalogue (train.softmax): steps encode only their items, fine-tuning's softmax
         # runs over in-batch and shared sampled negatives with the log-Q correction.
         sm = cfg.train.softmax
+        counts = np.bincount(data.train.targets, minlength=data.num_items + 1)  # training-target counts
         self.sample = None
         if sm.sampled(data.num_items):
-            counts = np.bincount(data.train.targets, minlength=data.num_items + 1)
             self.sample = NegativeSample(counts, sm.negatives, sm.distribution, sm.log_q, feats.device)
         # Fine-tuning with popularity smoothing: the prior is the training targets' distribution.
         self.prior = None
@@ -205,10 +204,9 @@ class StageRunner:
                 raise UserError("train.popularity_smoothing needs the full softmax over the catalogue; this "
                                 f"catalogue ({data.num_items} items) trains with the sampled one: set "
                                 "train.softmax.kind=full, or train.popularity_smoothing=0")
-            counts = torch.as_tensor(np.bincount(data.train.targets, minlength=data.num_items + 1),
-                                     dtype=torch.float32)
-            counts[0] = 0.0
-            self.prior = (counts / counts.sum()).to(feats.device)
+            prior = torch.as_tensor(counts, dtype=torch.float32)
+            prior[0] = 0.0
+            self.prior = (prior / prior.sum()).to(feats.device)
         self.step: torch.nn.Module = StepLoss(self)
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
