@@ -40,12 +40,13 @@ def catalogue_run(tiny_run, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
-def ivf(catalogue_run, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["ivf", "hnsw"])
+def indexed(catalogue_run, tmp_path_factory, request) -> Path:
+    """Artifacts with each kind of index; the tests below run on both."""
     from mp4sr_export.run import export
 
-    out = tmp_path_factory.mktemp("ann") / "artifacts"
-    export(catalogue_run, out, top_k=50, ann="ivf", ann_recall=0.99)
+    out = tmp_path_factory.mktemp(f"ann-{request.param}") / "artifacts"
+    export(catalogue_run, out, top_k=50, ann=request.param, ann_recall=0.99)
     return out
 
 
@@ -58,17 +59,21 @@ def overlap(a, b, k: int) -> float:
     return float(np.mean([len(set(x.items[:k]) & set(y.items[:k])) / k for x, y in zip(a, b, strict=True)]))
 
 
-def test_the_index_is_tuned_behind_the_gate_and_recorded(ivf):
-    manifest = verify_artifacts(ivf)
+def test_the_index_is_tuned_behind_the_gate_and_recorded(indexed):
+    manifest = verify_artifacts(indexed)
     spec = manifest.ann
-    assert spec.kind == "ivf" and spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
+    if spec.kind == "ivf":
+        assert spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
+    else:  # an fp16 graph whose candidates FAISS ranks again on the full-precision rows
+        assert spec.params == {"m": 32, "ef_construction": 200, "graph_bits": 16, "refine_k_factor": 4}
+        assert spec.search["ef_search"] >= spec.k
     assert spec.recall_at_10 >= 0.99 and spec.recall_at_k >= 0.99 and spec.k == 50
     assert spec.tuned_rows >= 256 and spec.checked_rows >= 256
     assert manifest.files[spec.file].bytes > ITEMS * manifest.dim * 4
 
 
-def test_runtime_recall_on_fresh_histories_and_filters(ivf):
-    approx, exact = Scorer(ivf, backend="cpu"), Scorer(ivf, backend="cpu", ann=False)
+def test_runtime_recall_on_fresh_histories_and_filters(indexed):
+    approx, exact = Scorer(indexed, backend="cpu"), Scorer(indexed, backend="cpu", ann=False)
     assert approx.approximate and not exact.approximate
     batch = histories(300, seed=21)
     got, want = approx.score(batch, k=10), exact.score(batch, k=10)
@@ -90,8 +95,8 @@ def test_runtime_recall_on_fresh_histories_and_filters(ivf):
     assert [r.items for r in got] == [r.items for r in want]
 
 
-def test_added_and_removed_items_on_the_index(ivf):
-    approx, exact = Scorer(ivf, backend="cpu"), Scorer(ivf, backend="cpu", ann=False)
+def test_added_and_removed_items_on_the_index(indexed):
+    approx, exact = Scorer(indexed, backend="cpu"), Scorer(indexed, backend="cpu", ann=False)
     rng = np.random.default_rng(4)
     feats = {"text_feats": rng.normal(size=(20, 2, 12)).astype(np.float32),
              "image_feats": rng.normal(size=(20, 1, 12)).astype(np.float32)}
@@ -146,11 +151,11 @@ def test_hnsw_and_the_cli(catalogue_run, tmp_path):
     assert bad.exit_code == 2 and "--ann: expected ivf, hnsw or none" in bad.stderr
 
 
-def test_without_faiss_an_index_says_what_to_install(ivf, monkeypatch):
+def test_without_faiss_an_index_says_what_to_install(indexed, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(UserError, match=r"pip install 'mp4sr-rt\[ann\]'"):
-        Scorer(ivf, backend="cpu")
-    assert not Scorer(ivf, backend="cpu", ann=False).approximate
+        Scorer(indexed, backend="cpu")
+    assert not Scorer(indexed, backend="cpu", ann=False).approximate
 
 
 REQUIRE_CPP = __import__("os").environ.get("MP4SR_REQUIRE_CPP") == "1"
@@ -165,7 +170,7 @@ def faiss_root() -> Path | None:
 
 @pytest.mark.skipif(not REQUIRE_CPP and (faiss_root() is None or __import__("shutil").which("g++") is None),
                     reason="no FAISS C++ library: run examples/cpp/fetch_faiss.sh (and g++)")
-def test_cpp_example_searches_the_index_like_python(ivf, tmp_path):
+def test_cpp_example_searches_the_index_like_python(indexed, tmp_path):
     """examples/cpp/ann_search.cc, built against Debian's FAISS (1.7.3), reads the index this
     FAISS wrote and returns what the runtime's search returns."""
     import os
@@ -178,12 +183,12 @@ def test_cpp_example_searches_the_index_like_python(ivf, tmp_path):
 
     env["ORT_INCLUDE_DIR"] = str(ort_headers())
     subprocess.run(["bash", root / "examples/cpp/build.sh", tmp_path], check=True, env=env, capture_output=True)
-    scorer = Scorer(ivf, backend="cpu")
+    scorer = Scorer(indexed, backend="cpu")
     for j, history in enumerate(histories(5, seed=8)):
         ids = np.array([[scorer._index[i] for i in history]])
         user = scorer.backend.run(ids)[2][0].astype(np.float32)
         (tmp_path / f"user{j}.f32").write_bytes(user.tobytes())
-        run = subprocess.run([tmp_path / "ann_search", ivf, tmp_path / f"user{j}.f32", "10"], capture_output=True,
+        run = subprocess.run([tmp_path / "ann_search", indexed, tmp_path / f"user{j}.f32", "10"], capture_output=True,
                              text=True, check=True)
         got = [line.split("\t") for line in run.stdout.splitlines()]
         scores, positions = scorer._ann.search(user[None], 10)
@@ -191,13 +196,13 @@ def test_cpp_example_searches_the_index_like_python(ivf, tmp_path):
         np.testing.assert_allclose([float(s) for _, s in got], scores[0], rtol=1e-5)
 
 
-def test_catalogue_versions_reach_the_index_of_every_scorer(ivf, tmp_path):
+def test_catalogue_versions_reach_the_index_of_every_scorer(indexed, tmp_path):
     import shutil
 
     from mp4sr_rt import catalogue
 
     directory = tmp_path / "artifacts"
-    shutil.copytree(ivf, directory)
+    shutil.copytree(indexed, directory)
     writer, reader = Scorer(directory, backend="cpu"), Scorer(directory, backend="cpu")
     rng = np.random.default_rng(6)
     feats = {"text_feats": rng.normal(size=(20, 2, 12)).astype(np.float32),
@@ -257,3 +262,24 @@ def test_the_gate_measures_what_the_runtime_returns_history_items_left_out(monke
     figures = export_ann.measure(Search(), export_ann.probe(table, users, ids, k), k)
     # Row 0: exact without its items is 2, 3, 4; the index gives 2 of them. Row 1: all 3.
     assert figures["recall_at_k"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_an_hnsw_flat_index_of_earlier_exports_still_searches_with_filters():
+    """Exports before the fp16 graph wrote IndexHNSWFlat: the runtime searches it as before."""
+    import faiss
+
+    from mp4sr_rt import ann
+
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(2000, 16)).astype(np.float32)
+    users = rng.normal(size=(20, 16)).astype(np.float32)
+    flat = faiss.IndexHNSWFlat(16, 32, faiss.METRIC_INNER_PRODUCT)
+    flat.add(table)
+    search = ann.AnnSearch(flat, "hnsw", {"ef_search": 256})
+    blocked = sorted({int(p) for p in ann.exact_top(table, users, 1)[:, 0]})  # every user's best item
+    scores, positions = search.search(users, 10, blocked=blocked)
+    exact = users @ table.T
+    exact[:, blocked] = -np.inf
+    assert not set(positions.ravel().tolist()) & set(blocked)
+    assert ann.recalls(positions, np.argsort(-exact, axis=1)[:, :10], 10).mean() >= 0.98
+    np.testing.assert_allclose(scores, np.take_along_axis(users @ table.T, positions, 1), rtol=1e-5)

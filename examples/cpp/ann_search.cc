@@ -5,11 +5,13 @@
 // USER_VECTOR_FILE holds one user vector, `dim` float32 values (the scorer's `user` output, or
 // history_encoder's): a service computes it with onnxruntime as score.cc does. Prints the top K
 // (default 10) as "item_id<TAB>score" lines, best first: the index's candidates with their exact
-// inner products (its rows are stored in full precision). Everything comes from manifest.json
+// inner products (IVF-Flat stores the rows in full precision; HNSW walks an fp16 graph and ranks
+// its candidates again on the full-precision rows, IndexRefineFlat). Everything comes from manifest.json
 // (docs/artifacts.md): the index file, its kind and the search setting the export tuned.
 
 #include <faiss/IndexHNSW.h>
 #include <faiss/IndexIVF.h>
+#include <faiss/IndexRefine.h>
 #include <faiss/index_io.h>
 
 #include <fstream>
@@ -48,9 +50,13 @@ int main(int argc, char** argv) try {
     params.nprobe = static_cast<size_t>(ann["search"]["nprobe"].number);
     index->search(1, user.data(), k, scores.data(), positions.data(), &params);
   } else {
-    faiss::SearchParametersHNSW params;
-    params.efSearch = static_cast<int>(ann["search"]["ef_search"].number);
-    index->search(1, user.data(), k, scores.data(), positions.data(), &params);
+    // The efSearch goes to the graph: under the IndexRefineFlat (its k_factor is in the file), or
+    // the index itself in artifacts of earlier exports (HNSW-Flat).
+    auto* refine = dynamic_cast<faiss::IndexRefine*>(index.get());
+    auto* graph = dynamic_cast<faiss::IndexHNSW*>(refine != nullptr ? refine->base_index : index.get());
+    if (graph == nullptr) throw std::runtime_error("ann.kind is hnsw but the index is not an HNSW graph");
+    graph->hnsw.efSearch = static_cast<int>(ann["search"]["ef_search"].number);
+    index->search(1, user.data(), k, scores.data(), positions.data());
   }
   // Row position p is item index p + 1, that is items[p] of the vocabulary.
   const mp4sr_json::Json vocabulary = mp4sr_json::ReadJson(dir + "/" + manifest["vocabulary"].string);
