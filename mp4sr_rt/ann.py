@@ -29,10 +29,11 @@ from mp4sr_rt.errors import ArtifactError, UserError
 KINDS = ("ivf", "hnsw")
 HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
 HNSW_EF_CONSTRUCTION = 200
-# The graph walks fp16 copies of the rows (half the memory traffic of fp32; a quarter to a third
-# less search time at 1M items at the same efSearch), then FAISS ranks HNSW_REFINE_K_FACTOR x the
-# asked-for candidates again on the full-precision rows (IndexRefineFlat): the scores it returns are exact.
-HNSW_REFINE_K_FACTOR = 4
+# The graph walks fp16 copies of the rows (half the memory traffic of fp32; 15-20% less search
+# time at 1M items at the same efSearch and recall: benchmarks/ann_variants.py), then FAISS ranks
+# HNSW_REFINE_K_FACTOR x the asked-for candidates again on the full-precision rows (IndexRefineFlat):
+# the scores it returns are exact.
+HNSW_REFINE_K_FACTOR = 2
 # efSearch steps of the tuning, about x1.25 to x1.5 apart: search time grows about linearly with efSearch.
 HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536, 2048, 3072,
                   4096)

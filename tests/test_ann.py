@@ -65,7 +65,7 @@ def test_the_index_is_tuned_behind_the_gate_and_recorded(indexed):
     if spec.kind == "ivf":
         assert spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
     else:  # an fp16 graph whose candidates FAISS ranks again on the full-precision rows
-        assert spec.params == {"m": 32, "ef_construction": 200, "graph_bits": 16, "refine_k_factor": 4}
+        assert spec.params == {"m": 32, "ef_construction": 200, "graph_bits": 16, "refine_k_factor": 2}
         assert spec.search["ef_search"] >= spec.k
     assert spec.recall_at_10 >= 0.99 and spec.recall_at_k >= 0.99 and spec.k == 50
     assert spec.tuned_rows >= 256 and spec.checked_rows >= 256
