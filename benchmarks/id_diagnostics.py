@@ -27,6 +27,12 @@ Reads finished `mp4sr-rt benchmark` runs (those with a metrics.json; the demo da
                              of its K nearest trained items (cosine of the item vectors z; plain mean,
                              and weighted by training counts): another way to place new items, whose
                              trade-off between the cold test users and the others it measures
+    ridge                    with --ridge: how much of the trained items' ID rows their item vectors z
+                             predict (ridge regression z -> ID row, 5-fold cross-validated over the
+                             trained items: `explained`, the share of the rows' variance predicted on
+                             held-out items), and offset_sweep's figures when each new item's ID row is
+                             the regression's prediction (at the penalty cross-validation chose) rather
+                             than the jointly trained projection's
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from mp4sr_train.tasks import full_scores
 
 @torch.inference_mode()
 def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: BenchmarkOptions,
-             offsets: tuple[float, ...] = (), neighbours: tuple[int, ...] = ()) -> dict:
+             offsets: tuple[float, ...] = (), neighbours: tuple[int, ...] = (), ridge: bool = False) -> dict:
     model, id_emb, sd = load_finished(name, setting, seed, inputs, options)
     z = model.encode_items(inputs.feats)
     rows = id_emb(z)
@@ -77,6 +83,8 @@ def diagnose(out: Path, setting: str, name: str, seed: int, inputs, options: Ben
         if neighbours:
             counts = torch.as_tensor(sd.data.train_counts, dtype=torch.float32)
             result["neighbours"] = neighbour_sweep(model, sd.test_all, z, rows, trained, untrained, counts, neighbours)
+        if ridge:
+            result["ridge"] = ridge_sweep(model, sd.test_all, z, rows, trained, untrained)
     return result
 
 
@@ -87,20 +95,57 @@ def neighbour_sweep(model, split, z, rows, trained, untrained, counts, ks) -> li
     known[0] = False
     flat = F.normalize(z.permute(1, 0, 2).flatten(1), dim=-1)  # (N + 1, M d)
     similar = flat[untrained] @ flat[known].T
-    targets = torch.as_tensor(split.targets)
-    cold = untrained[targets].numpy()
     out = []
     for k in ks:
         nearest = similar.topk(min(k, int(known.sum())), dim=1).indices
         for weighted in (False, True):
             w = counts[known][nearest] if weighted else torch.ones(nearest.shape)
-            imputed = rows.clone()
-            imputed[untrained] = ((w / w.sum(1, keepdim=True))[..., None] * rows[known][nearest]).sum(1)
-            inputs = z + imputed
-            scores = torch.cat([score(model.encode_history(torch.as_tensor(split.histories[i : i + 500]), inputs),
-                                      candidates(inputs)) for i in range(0, len(split), 500)])
-            out.append({"k": k, "weighted": weighted, **placement(scores, targets, untrained, cold)})
+            new_rows = ((w / w.sum(1, keepdim=True))[..., None] * rows[known][nearest]).sum(1)
+            out.append({"k": k, "weighted": weighted, **imputed_placement(model, split, z, rows, untrained, new_rows)})
     return out
+
+
+def ridge_sweep(model, split, z, rows, trained, untrained, penalties=(0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
+                folds: int = 5) -> dict:
+    """How far the item vectors z predict the trained ID rows (ridge regression, `folds`-fold
+    cross-validation over the trained items), and the placement of new items given the
+    regression's rows at the penalty with the least held-out error."""
+    known = trained.clone()
+    known[0] = False
+    x_all = z.permute(1, 0, 2).flatten(1).double()  # (N + 1, M d)
+    x, y = x_all[known], rows[known].double()
+    total = float(((y - y.mean(0)) ** 2).sum())
+
+    def fit(xa, ya, penalty):
+        xm, ym = xa.mean(0), ya.mean(0)
+        a = xa - xm
+        w = torch.linalg.solve(a.T @ a + penalty * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (ya - ym))
+        return lambda xb: (xb - xm) @ w + ym
+
+    parts = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).chunk(folds)
+    errors = {}
+    for penalty in penalties:
+        error = 0.0
+        for part in parts:
+            train = torch.ones(len(x), dtype=torch.bool)
+            train[part] = False
+            error += float(((fit(x[train], y[train], penalty)(x[part]) - y[part]) ** 2).sum())
+        errors[penalty] = error
+    best = min(errors, key=errors.get)
+    new_rows = fit(x, y, best)(x_all[untrained]).float()
+    return {"penalty": best, "explained": round(1 - errors[best] / total, 4),
+            **imputed_placement(model, split, z, rows, untrained, new_rows)}
+
+
+def imputed_placement(model, split, z, rows, untrained, new_rows) -> dict[str, float]:
+    """placement() of every user of `split` when the new items' ID rows are `new_rows` (a tied model)."""
+    imputed = rows.clone()
+    imputed[untrained] = new_rows
+    inputs = z + imputed
+    scores = torch.cat([score(model.encode_history(torch.as_tensor(split.histories[i : i + 500]), inputs),
+                              candidates(inputs)) for i in range(0, len(split), 500)])
+    targets = torch.as_tensor(split.targets)
+    return placement(scores, targets, untrained, untrained[targets].numpy())
 
 
 def all_scores(model, feats, split, id_emb, z, batch: int = 500, drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,6 +190,8 @@ def main() -> None:
     parser.add_argument("--offsets", default="", help="comma-separated score offsets for new items, e.g. 0,0.1,0.2")
     parser.add_argument("--neighbours", default="", help="comma-separated K: new items' ID rows from their K nearest "
                                                           "trained items (a tied model), e.g. 10,50")
+    parser.add_argument("--ridge", action="store_true",
+                        help="new items' ID rows from a ridge regression of the trained rows on the item vectors")
     args = parser.parse_args()
     options = BenchmarkOptions(cfg=config_lib.preset(args.preset), seeds=(args.seed,), out=args.out,
                                data=args.data, features=args.features, device="cpu", progress=False)
@@ -154,7 +201,8 @@ def main() -> None:
     for setting in ("normal", "cold-start"):
         for name in args.models.split(","):
             if (args.out / setting / name / f"seed-{args.seed}" / "metrics.json").is_file():  # finished runs only
-                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options, offsets, neighbours)),
+                print(json.dumps(diagnose(args.out, setting, name, args.seed, inputs, options, offsets, neighbours,
+                                         args.ridge)),
                       flush=True)
 
 
