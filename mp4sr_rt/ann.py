@@ -55,8 +55,9 @@ def ivf_lists(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
 
 
-def build(kind: str, table: np.ndarray, seed: int = 0):
-    """A FAISS inner-product index over `table` (N, D) float32, rows at positions 0..N-1."""
+def build(kind: str, table: np.ndarray, seed: int = 0, m: int = HNSW_M):
+    """A FAISS inner-product index over `table` (N, D) float32, rows at positions 0..N-1; `m`: the
+    HNSW graph's links per node (benchmarks/ann_variants.py tries others)."""
     faiss = import_faiss()
     n, dim = table.shape
     table = np.ascontiguousarray(table, dtype=np.float32)
@@ -67,7 +68,7 @@ def build(kind: str, table: np.ndarray, seed: int = 0):
         index.train(table)
         index.add_with_ids(table, np.arange(n, dtype=np.int64))
     elif kind == "hnsw":
-        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index = faiss.IndexRefineFlat(graph)  # keeps the full-precision rows, ranks the candidates on them
         index.k_factor = HNSW_REFINE_K_FACTOR
