@@ -95,6 +95,8 @@ MODELS = (
     ablation("ids-paper", "the paper's ID embedding (scale 1, no ID dropout, none for new items)",
              "train.ids", _PAPER_IDS),
     ablation("ids-scale-1", "ID scale 1", "train.ids.scale", 1.0),
+    ablation("ids-scale-3", "ID scale 3", "train.ids.scale", 3.0),
+    ablation("ids-scale-30", "ID scale 30", "train.ids.scale", 30.0),
     ablation("ids-no-dropout", "no ID dropout", "train.ids.dropout", 0.0),
     ablation("ids-dropout-0.5", "ID dropout 0.5", "train.ids.dropout", 0.5),
     ablation("ids-no-projection", "no ID rows from features (zero for new items)", "train.ids.from_features", False),
