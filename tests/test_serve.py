@@ -70,7 +70,12 @@ class Served:
         self.log = log
         cmd = [str(serve_python()), "-m", "mp4sr_cli", "serve", *map(str, args), "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT)
+        # Its temporary files (the model repository, Triton's work directory) go beside the log:
+        # a server the tests SIGKILL cannot remove them, pytest's tmp_path cleaning then does.
+        scratch = log.parent / f"{log.stem}-tmp"
+        scratch.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT,
+                                        env={**os.environ, "TMPDIR": str(scratch)})
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
