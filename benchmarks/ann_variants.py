@@ -2,7 +2,7 @@
 on one item table and one set of user vectors, timed in turns.
 
     python benchmarks/ann_variants.py --run mp4sr-out --items 1000000
-    python benchmarks/ann_variants.py --items 1000000 --systems hnsw,hnsw-m48,ivf-pq
+    python benchmarks/ann_variants.py --items 1000000 --systems hnsw,ivf-pq,ivf-pq64
 
 The table: the trained model in --run over a generated catalogue of --items items (the serving
 benchmark's synthetic catalogue, benchmarks/serving.py); the users: the model's own user vectors
@@ -18,10 +18,14 @@ Systems:
 - hnsw-fp16-graph: that index's graph alone (its fp16 order, no second ranking): what the refine
   step buys;
 - hnsw-m48: the export's index with 48 links per node instead of 32 (a denser graph, fewer hops);
-- ivf-pq: IVF over 4,096 lists of 4-bit product codes (64 sub-vectors, FAISS's SIMD "fast scan"),
-  IVF_PQ_REFINE x the asked-for candidates ranked again on the fp32 rows: it reads 32 bytes per
-  item scanned instead of a graph's random rows. Its setting is nprobe, the i-th of IVF_NPROBE
-  taking its turn beside the i-th efSearch of the graphs.
+- ivf-pq: what `export --ann ivf-pq` builds (mp4sr_rt.ann.build): IVF over about 4 sqrt(N) lists
+  (4,000 at 1M items) of 4-bit codes, one per dimension, scanned with FAISS's SIMD "fast scan",
+  then 4 x the asked-for candidates ranked again on the fp32 rows: it reads D / 2 bytes per item
+  scanned instead of a graph's random rows;
+- ivf-pq64: IVF over 4,096 lists of 4-bit product codes of 64 two-dimensional sub-vectors (half
+  the bytes of ivf-pq's), IVF_PQ64_REFINE x the asked-for candidates ranked again on the fp32 rows.
+The IVF systems' setting is nprobe, the i-th of IVF_NPROBE taking its turn beside the i-th
+efSearch of the graphs.
 The default systems are the first three. One JSON line per system and setting.
 """
 
@@ -51,22 +55,10 @@ from serving import synthetic  # noqa: E402
 from mp4sr_rt import ann  # noqa: E402
 
 K, ROWS, TIMED = 10, 2048, 300
-SYSTEMS = ("hnsw-fp32", "hnsw", "hnsw-fp16-graph", "hnsw-m48", "ivf-pq")
-IVF_PQ = "IVF4096,PQ64x4fs,RFlat"
-IVF_PQ_REFINE = 64  # fewer candidates ranked again lose recall to the 4-bit codes (16: 0.96 at nprobe 256)
+SYSTEMS = ("hnsw-fp32", "hnsw", "hnsw-fp16-graph", "hnsw-m48", "ivf-pq", "ivf-pq64")
+IVF_PQ64 = "IVF4096,PQ64x4fs,RFlat"
+IVF_PQ64_REFINE = 64  # fewer candidates ranked again lose recall to the 4-bit codes (16: 0.96 at nprobe 256)
 IVF_NPROBE = (64, 128, 256, 384, 512)
-
-
-class IvfPqSearch:
-    """AnnSearch.search for the ivf-pq index (IndexRefineFlat over IVF fast scan), unfiltered."""
-
-    def __init__(self, index, nprobe: int):
-        self.index = index
-        self.params = faiss.IndexRefineSearchParameters(base_index_params=faiss.SearchParametersIVF(nprobe=nprobe),
-                                                        k_factor=IVF_PQ_REFINE)
-
-    def search(self, users: np.ndarray, pool: int):
-        return self.index.search(np.ascontiguousarray(users), pool, params=self.params)
 
 
 def build_all(table: np.ndarray, names: list[str]) -> dict[str, tuple[object, float]]:
@@ -88,17 +80,21 @@ def build_all(table: np.ndarray, names: list[str]) -> dict[str, tuple[object, fl
         out["hnsw-m48"] = ann.build("hnsw", table, m=48), time.perf_counter() - t0
     if "ivf-pq" in names:
         t0 = time.perf_counter()
-        index = faiss.index_factory(table.shape[1], IVF_PQ, faiss.METRIC_INNER_PRODUCT)
+        out["ivf-pq"] = ann.build("ivf-pq", table), time.perf_counter() - t0
+    if "ivf-pq64" in names:
+        t0 = time.perf_counter()
+        index = faiss.index_factory(table.shape[1], IVF_PQ64, faiss.METRIC_INNER_PRODUCT)
         faiss.extract_index_ivf(index).cp.seed = 0
         index.train(table)
         index.add(table)
-        out["ivf-pq"] = index, time.perf_counter() - t0
+        index.k_factor = IVF_PQ64_REFINE
+        out["ivf-pq64"] = index, time.perf_counter() - t0
     return {name: out[name] for name in names}
 
 
 def searcher(name: str, index, step: int, ef: int):
-    if name == "ivf-pq":
-        return IvfPqSearch(index, IVF_NPROBE[step]), {"nprobe": IVF_NPROBE[step]}
+    if name.startswith("ivf"):
+        return ann.AnnSearch(index, "ivf-pq", {"nprobe": IVF_NPROBE[step]}), {"nprobe": IVF_NPROBE[step]}
     return ann.AnnSearch(index, "hnsw", {"ef_search": ef}), {"ef_search": ef}
 
 
@@ -111,7 +107,7 @@ def main() -> None:
     args = p.parse_args()
     names = args.systems.split(",")
     efs = [int(v) for v in args.ef_search.split(",")]
-    if not set(names) <= set(SYSTEMS) or ("ivf-pq" in names and len(efs) > len(IVF_NPROBE)):
+    if not set(names) <= set(SYSTEMS) or (any(n.startswith("ivf") for n in names) and len(efs) > len(IVF_NPROBE)):
         p.error(f"--systems: of {', '.join(SYSTEMS)}; with ivf-pq at most {len(IVF_NPROBE)} efSearch steps")
     torch.manual_seed(0)
     ckpt = synthetic(load_checkpoint(args.run / "checkpoint"), args.items)

@@ -113,7 +113,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--int8-scan", type=int, default=0, metavar="C",
                    help="also time artifacts exported with --int8-scan C (C < the smallest catalogue)")
     p.add_argument("--ann", default="", help="also time artifacts with these approximate indexes "
-                   "(export --ann), comma-separated: ivf, hnsw; synthetic catalogues only")
+                   "(export --ann), comma-separated: ivf, ivf-pq, hnsw; synthetic catalogues only")
     p.add_argument("--ann-recall", type=float, default=0.99, help="their recall target (export --ann-recall)")
     p.add_argument("--ann-k", type=int, default=0, help="the k of that target (export --ann-k; 0: the top K, 100)")
     p.add_argument("--work", type=Path, default=ROOT / "mp4sr-out" / "bench-work",

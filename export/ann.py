@@ -1,4 +1,4 @@
-"""`mp4sr-rt export --ann ivf|hnsw`: a FAISS index over the serving table, tuned behind a recall gate.
+"""`mp4sr-rt export --ann ivf|ivf-pq|hnsw`: a FAISS index over the serving table, tuned behind a recall gate.
 
 The search setting (IVF nprobe, HNSW efSearch) is raised step by step until the index's top k
 holds at least `--ann-recall` of the exact top k (k = --ann-k, by default the scorer's K; and 10) for the user

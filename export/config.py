@@ -21,7 +21,7 @@ class ExportConfig:
     int8_scan: int = 0  # > 0: scan the catalogue in int8 and rescore this many candidates
     encoders: bool = True  # also export the text / image encoders the run's features came from
     triton_dir: Path | None = None  # also write a Triton model repository there
-    ann: str = "none"  # ivf | hnsw: also a FAISS index over the table, for approximate top k
+    ann: str = "none"  # ivf | ivf-pq | hnsw: also a FAISS index over the table, for approximate top k
     ann_recall: float = 0.99  # the recall@k of the exact top k the index must reach (export --ann-recall)
     ann_k: int = 0  # the k of that contract (0: top_k); recall@10 is held to the target too
 
@@ -35,8 +35,8 @@ class ExportConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.topk_block and self.int8_scan:
             raise UserError("--topk-block and --int8-scan are two ways to scan the catalogue: choose one")
-        if self.ann not in ("none", "ivf", "hnsw"):
-            raise UserError(f"--ann: expected ivf, hnsw or none, got {self.ann!r}")
+        if self.ann not in ("none", "ivf", "ivf-pq", "hnsw"):
+            raise UserError(f"--ann: expected ivf, ivf-pq, hnsw or none, got {self.ann!r}")
         if isinstance(self.ann_recall, bool) or not isinstance(self.ann_recall, (int, float)) or \
                 not 0 < self.ann_recall <= 1:
             raise UserError(f"--ann-recall must lie in (0, 1], got {self.ann_recall!r}")

@@ -1,15 +1,16 @@
 """Approximate top-k over the serving table with FAISS (inner product), behind a recall contract.
 
-    index = build("ivf", table)                        # table float32 (N, M d): serving rows of items 1..N
-    ann = AnnSearch(index, "ivf", {"nprobe": 16})
+    index = build("ivf-pq", table)                     # table float32 (N, M d): serving rows of items 1..N
+    ann = AnnSearch(index, "ivf-pq", {"nprobe": 64})
     scores, positions = ann.search(users, pool, blocked=..., allowed=...)   # (B, pool) each; -1 when fewer
 
 A row position p is catalogue index p + 1 (index 0 is padding and never in the index); items
-added at serve time take the next positions. `mp4sr-rt export --ann ivf|hnsw` builds the index and
-tunes its search parameter until the recall of the exact top k reaches the target on held-out
+added at serve time take the next positions. `mp4sr-rt export --ann ivf|ivf-pq|hnsw` builds the index
+and tunes its search parameter until the recall of the exact top k reaches the target on held-out
 histories (docs/artifacts.md); the runtime then takes a pool of candidates with their exact scores
-(mp4sr_rt.scorer): IVF-Flat keeps the rows in full precision, and HNSW walks a graph over fp16
-copies of them, then FAISS ranks its candidates again on the full-precision rows (IndexRefineFlat).
+(mp4sr_rt.scorer): IVF-Flat keeps the rows in full precision; IVF-PQ scans 4-bit codes of them
+(one per dimension, FAISS's SIMD "fast scan") and HNSW walks a graph over fp16 copies of them,
+then FAISS ranks their candidates again on the full-precision rows (IndexRefineFlat).
 Filters (items excluded, an allow-list, removed items) go through FAISS's ID selectors, so a
 filtered request gets the top k of the items it may see.
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from mp4sr_rt.errors import ArtifactError, UserError
 
-KINDS = ("ivf", "hnsw")
+KINDS = ("ivf", "ivf-pq", "hnsw")
 HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
 HNSW_EF_CONSTRUCTION = 200
 # The graph walks fp16 copies of the rows (half the memory traffic of fp32; 15-20% less search
@@ -38,6 +39,12 @@ HNSW_REFINE_K_FACTOR = 2
 HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536, 2048, 3072,
                   4096)
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training vectors per IVF list
+# IVF-PQ: one 4-bit code per dimension (a 16-level quantiser learnt per dimension: D / 2 bytes a row,
+# scanned with SIMD table lookups), then IVF_PQ_REFINE_K_FACTOR x the asked-for candidates ranked
+# again on the full-precision rows. At 1M items of 128 dimensions its recall is bounded by the lists
+# probed, not by the codes: k_factor 4, 8 and 16 reach the same recall@10 (benchmarks/ann_variants.py).
+IVF_PQ_BITS = 4
+IVF_PQ_REFINE_K_FACTOR = 4
 
 
 def import_faiss():
@@ -67,31 +74,52 @@ def build(kind: str, table: np.ndarray, seed: int = 0, m: int = HNSW_M):
         index.cp.seed = seed
         index.train(table)
         index.add_with_ids(table, np.arange(n, dtype=np.int64))
+    elif kind == "ivf-pq":
+        quantizer = faiss.IndexFlatIP(dim)
+        lists = faiss.IndexIVFPQFastScan(quantizer, dim, ivf_lists(n), dim, IVF_PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+        lists.own_fields = True  # the lists own their quantizer
+        quantizer.this.disown()
+        lists.by_residual = False  # one code book for every list: one lookup table per query
+        lists.cp.seed = seed
+        index = _refined(faiss, lists, IVF_PQ_REFINE_K_FACTOR, table)
     elif kind == "hnsw":
         graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index = faiss.IndexRefineFlat(graph)  # keeps the full-precision rows, ranks the candidates on them
-        index.k_factor = HNSW_REFINE_K_FACTOR
-        index.train(table)
-        index.add(table)
-        index.own_fields = True  # the refine index owns the graph: one object to keep and write
-        graph.this.disown()
+        index = _refined(faiss, graph, HNSW_REFINE_K_FACTOR, table)
     else:
         raise UserError(f"unknown index kind {kind!r}; choose {', '.join(KINDS)}")
+    return index
+
+
+def _refined(faiss, base, k_factor: int, table: np.ndarray):
+    """An IndexRefineFlat over `base`, trained and filled with `table`: it keeps the full-precision
+    rows and ranks k_factor x the asked-for candidates of `base` again on them."""
+    index = faiss.IndexRefineFlat(base)
+    index.k_factor = k_factor
+    index.train(table)
+    index.add(table)
+    index.own_fields = True  # the refine index owns its base: one object to keep and write
+    base.this.disown()
     return index
 
 
 def build_params(kind: str, index) -> dict[str, int]:
     if kind == "ivf":
         return {"nlist": int(index.nlist)}
+    if kind == "ivf-pq":
+        faiss = import_faiss()
+        lists = faiss.downcast_index(faiss.extract_index_ivf(index))
+        return {"nlist": int(lists.nlist), "pq_m": int(lists.pq.M), "pq_bits": int(lists.pq.nbits),
+                "refine_k_factor": int(index.k_factor)}
     return {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "graph_bits": 16,
             "refine_k_factor": HNSW_REFINE_K_FACTOR}
 
 
 def search_ladder(kind: str, index, k: int) -> list[dict[str, int]]:
     """Search settings from fastest to most exact, for tuning."""
-    if kind == "ivf":
-        steps = [1 << i for i in range(int(index.nlist).bit_length()) if 1 << i < index.nlist] + [int(index.nlist)]
+    if kind in ("ivf", "ivf-pq"):
+        nlist = int(import_faiss().extract_index_ivf(index).nlist)
+        steps = [1 << i for i in range(nlist.bit_length()) if 1 << i < nlist] + [nlist]
         return [{"nprobe": p} for p in steps]
     return [{"ef_search": ef} for ef in HNSW_EF_SEARCH if ef >= k]
 
@@ -137,12 +165,13 @@ class AnnSearch:
         """Search parameters; the selector goes to the index that walks the candidates (under an
         IndexRefineFlat, its graph), which must then outlive the search with the parameters."""
         faiss = self.faiss
-        if self.kind == "ivf":
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self.search_params["nprobe"]), None
-        graph = faiss.SearchParametersHNSW(sel=selector, efSearch=self.search_params["ef_search"])
-        if not isinstance(self.index, faiss.IndexRefine):  # HNSW-Flat (artifacts of earlier exports)
-            return graph, None
-        return faiss.IndexRefineSearchParameters(base_index_params=graph, k_factor=self.index.k_factor), graph
+        if self.kind == "hnsw":
+            inner = faiss.SearchParametersHNSW(sel=selector, efSearch=self.search_params["ef_search"])
+        else:
+            inner = faiss.SearchParametersIVF(sel=selector, nprobe=self.search_params["nprobe"])
+        if not isinstance(self.index, faiss.IndexRefine):  # IVF-Flat, HNSW-Flat (earlier exports)
+            return inner, None
+        return faiss.IndexRefineSearchParameters(base_index_params=inner, k_factor=self.index.k_factor), inner
 
     def _selector(self, blocked: Iterable[int], allowed: np.ndarray | None):
         """Positions a search may return: not `blocked`, and among `allowed` when given (None: any)."""
@@ -161,7 +190,7 @@ class AnnSearch:
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions), each (B, pool), best first: the candidates' inner products with
         the user vectors and their row positions (-1 where fewer exist). The scores are the exact
-        ones of the full-precision rows: IVF-Flat stores them, and HNSW ranks its fp16 graph's
+        ones of the full-precision rows: IVF-Flat stores them, and IVF-PQ and HNSW rank their
         candidates on them (IndexRefineFlat; HNSW-Flat in artifacts of earlier exports)."""
         selector, keep = self._selector(blocked, allowed)
         params, inner = self._unfiltered if selector is None else self._params(selector)

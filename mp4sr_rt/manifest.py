@@ -140,7 +140,7 @@ class AnnIndex:
     """An approximate (FAISS) index over the serving table: `export --ann`."""
 
     file: str
-    kind: str  # ivf | hnsw
+    kind: str  # ivf | ivf-pq | hnsw
     params: dict[str, int]  # how it was built: nlist, or m and ef_construction
     search: dict[str, int]  # the tuned search setting: nprobe, or ef_search
     target_recall: float  # what the export was asked for, on recall@k and recall@10
@@ -219,8 +219,9 @@ class Manifest:
                 _check(got == want, f"{where} models.{role}.{kind}",
                        f"{_describe(got)} is not what this manifest's model takes or gives: {_describe(want)}")
         if self.ann is not None:
-            _check(self.ann.kind in ("ivf", "hnsw"), f"{where} ann.kind", f"{self.ann.kind!r} is not ivf or hnsw")
-            wanted = {"ivf": {"nprobe"}, "hnsw": {"ef_search"}}[self.ann.kind]
+            _check(self.ann.kind in ("ivf", "ivf-pq", "hnsw"), f"{where} ann.kind",
+                   f"{self.ann.kind!r} is not ivf, ivf-pq or hnsw")
+            wanted = {"ivf": {"nprobe"}, "ivf-pq": {"nprobe"}, "hnsw": {"ef_search"}}[self.ann.kind]
             _check(set(self.ann.search) == wanted and all(v >= 1 for v in self.ann.search.values()),
                    f"{where} ann.search", f"expected {sorted(wanted)} >= 1, got {self.ann.search}")
         if self.catalogue is not None:

@@ -40,9 +40,9 @@ def catalogue_run(tiny_run, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module", params=["ivf", "hnsw"])
+@pytest.fixture(scope="module", params=["ivf", "ivf-pq", "hnsw"])
 def indexed(catalogue_run, tmp_path_factory, request) -> Path:
-    """Artifacts with each kind of index; the tests below run on both."""
+    """Artifacts with each kind of index; the tests below run on each."""
     from mp4sr_export.run import export
 
     out = tmp_path_factory.mktemp(f"ann-{request.param}") / "artifacts"
@@ -64,6 +64,9 @@ def test_the_index_is_tuned_behind_the_gate_and_recorded(indexed):
     spec = manifest.ann
     if spec.kind == "ivf":
         assert spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
+    elif spec.kind == "ivf-pq":  # 4-bit codes, one per dimension, ranked again on the full-precision rows
+        assert spec.params["nlist"] > 1 and 1 <= spec.search["nprobe"] <= spec.params["nlist"]
+        assert (spec.params["pq_m"], spec.params["pq_bits"], spec.params["refine_k_factor"]) == (manifest.dim, 4, 4)
     else:  # an fp16 graph whose candidates FAISS ranks again on the full-precision rows
         assert spec.params == {"m": 32, "ef_construction": 200, "graph_bits": 16, "refine_k_factor": 2}
         assert spec.search["ef_search"] >= spec.k
@@ -148,7 +151,7 @@ def test_hnsw_and_the_cli(catalogue_run, tmp_path):
     assert "hnsw index" in scored.stderr
     assert {i for r in json.loads(scored.stdout) for i in r["items"]} <= {"c2", "c3"}
     bad = CliRunner().invoke(app, ["export", str(catalogue_run), "--out", str(tmp_path / "x"), "--ann", "lsh"])
-    assert bad.exit_code == 2 and "--ann: expected ivf, hnsw or none" in bad.stderr
+    assert bad.exit_code == 2 and "--ann: expected ivf, ivf-pq, hnsw or none" in bad.stderr
 
 
 def test_without_faiss_an_index_says_what_to_install(indexed, monkeypatch):

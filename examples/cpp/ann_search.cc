@@ -5,8 +5,9 @@
 // USER_VECTOR_FILE holds one user vector, `dim` float32 values (the scorer's `user` output, or
 // history_encoder's): a service computes it with onnxruntime as score.cc does. Prints the top K
 // (default 10) as "item_id<TAB>score" lines, best first: the index's candidates with their exact
-// inner products (IVF-Flat stores the rows in full precision; HNSW walks an fp16 graph and ranks
-// its candidates again on the full-precision rows, IndexRefineFlat). Everything comes from manifest.json
+// inner products (IVF-Flat stores the rows in full precision; IVF-PQ scans 4-bit codes and HNSW walks
+// an fp16 graph, and both rank their candidates again on the full-precision rows, IndexRefineFlat).
+// Everything comes from manifest.json
 // (docs/artifacts.md): the index file, its kind and the search setting the export tuned.
 
 #include <faiss/IndexHNSW.h>
@@ -49,6 +50,13 @@ int main(int argc, char** argv) try {
     faiss::SearchParametersIVF params;
     params.nprobe = static_cast<size_t>(ann["search"]["nprobe"].number);
     index->search(1, user.data(), k, scores.data(), positions.data(), &params);
+  } else if (ann["kind"].string == "ivf-pq") {
+    // The nprobe goes to the IVF lists under the IndexRefineFlat (its k_factor is in the file).
+    auto* refine = dynamic_cast<faiss::IndexRefine*>(index.get());
+    auto* lists = dynamic_cast<faiss::IndexIVF*>(refine != nullptr ? refine->base_index : nullptr);
+    if (lists == nullptr) throw std::runtime_error("ann.kind is ivf-pq but the index is not IVF under a refine index");
+    lists->nprobe = static_cast<size_t>(ann["search"]["nprobe"].number);
+    index->search(1, user.data(), k, scores.data(), positions.data());
   } else {
     // The efSearch goes to the graph: under the IndexRefineFlat (its k_factor is in the file), or
     // the index itself in artifacts of earlier exports (HNSW-Flat).
