@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mp4sr_rt.ann import KINDS as ANN_KINDS
 from mp4sr_rt.errors import UserError
 
 
@@ -35,8 +36,8 @@ class ExportConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.topk_block and self.int8_scan:
             raise UserError("--topk-block and --int8-scan are two ways to scan the catalogue: choose one")
-        if self.ann not in ("none", "ivf", "ivf-pq", "hnsw"):
-            raise UserError(f"--ann: expected ivf, ivf-pq, hnsw or none, got {self.ann!r}")
+        if self.ann != "none" and self.ann not in ANN_KINDS:
+            raise UserError(f"--ann: expected {', '.join(ANN_KINDS)} or none, got {self.ann!r}")
         if isinstance(self.ann_recall, bool) or not isinstance(self.ann_recall, (int, float)) or \
                 not 0 < self.ann_recall <= 1:
             raise UserError(f"--ann-recall must lie in (0, 1], got {self.ann_recall!r}")

@@ -27,7 +27,8 @@ import numpy as np
 
 from mp4sr_rt.errors import ArtifactError, UserError
 
-KINDS = ("ivf", "ivf-pq", "hnsw")
+SEARCH_SETTING = {"ivf": "nprobe", "ivf-pq": "nprobe", "hnsw": "ef_search"}  # kind -> its tuned search setting
+KINDS = tuple(SEARCH_SETTING)
 HNSW_M = 32  # links per node: FAISS's usual choice for recall >= 0.99 on vectors of this size
 HNSW_EF_CONSTRUCTION = 200
 # The graph walks fp16 copies of the rows (half the memory traffic of fp32; 15-20% less search

@@ -27,6 +27,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from mp4sr_rt.ann import KINDS as ANN_KINDS
+from mp4sr_rt.ann import SEARCH_SETTING as ANN_SEARCH_SETTING
 from mp4sr_rt.errors import ArtifactError
 
 SCHEMA = "mp4sr-artifacts/2"
@@ -219,9 +221,9 @@ class Manifest:
                 _check(got == want, f"{where} models.{role}.{kind}",
                        f"{_describe(got)} is not what this manifest's model takes or gives: {_describe(want)}")
         if self.ann is not None:
-            _check(self.ann.kind in ("ivf", "ivf-pq", "hnsw"), f"{where} ann.kind",
-                   f"{self.ann.kind!r} is not ivf, ivf-pq or hnsw")
-            wanted = {"ivf": {"nprobe"}, "ivf-pq": {"nprobe"}, "hnsw": {"ef_search"}}[self.ann.kind]
+            _check(self.ann.kind in ANN_KINDS, f"{where} ann.kind",
+                   f"{self.ann.kind!r} is not one of {', '.join(ANN_KINDS)}")
+            wanted = {ANN_SEARCH_SETTING[self.ann.kind]}
             _check(set(self.ann.search) == wanted and all(v >= 1 for v in self.ann.search.values()),
                    f"{where} ann.search", f"expected {sorted(wanted)} >= 1, got {self.ann.search}")
         if self.catalogue is not None:
