@@ -33,7 +33,7 @@ import math
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +182,10 @@ class Scorer:
         unknown to the catalogue are ignored in both); removed items are never returned."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"k must be an integer >= 1, got {k!r}")
-        k = min(k, self.num_items)
+        # One snapshot of the catalogue for the whole call: add_items and remove_items replace
+        # these objects, never change them, so a concurrent change is seen entirely or not at all.
         added, removed = self._added, self._removed
+        k = min(k, self.num_base + len(added.ids))
         blocked = removed | frozenset(self._indices(exclude, added, "exclude"))
         allowed = None
         if allow is not None:
@@ -194,7 +196,7 @@ class Scorer:
         groups: dict[tuple[str, int], list[int]] = {}  # (path, width) -> rows
         for i, h in enumerate(prepared):
             if not h.ids:
-                results[i] = self._popular_items(h, k, filters)
+                results[i] = self._popular_items(h, k, filters, added)
                 continue
             width = self._width(len(h.ids)) if self.backend.exact_rows else self.max_len
             if self._ann is not None and (allowed is None or len(allowed) > EXACT_ALLOW):
@@ -237,6 +239,8 @@ class Scorer:
         return min(self.max_len, -(-length // WIDTH_STEP) * WIDTH_STEP)
 
     def _prepare(self, history: Sequence[ItemId], added: _Added) -> _History:
+        if isinstance(history, (str, bytes)):
+            raise UserError(f"each history must be a list of item ids, not one string ({history!r:.40})")
         known, unknown = [], []
         for item in history:
             key = str(item)
@@ -274,7 +278,7 @@ class Scorer:
         if (len(top) < k and self.top_k < self.num_base) or (top and top[-1][1] < bound):
             self.rescans += 1
             return self._from_user(h, user, k, filters, added)
-        return self._recommend(h, self._merge_added(top, user, excluded, None, k, added))
+        return self._recommend(h, self._merge_added(top, user, excluded, None, k, added), added)
 
     def _users(self, histories: list[_History], width: int, added: _Added) -> np.ndarray:
         """User vectors (B, M d) through the history encoder, for histories of any items."""
@@ -301,7 +305,7 @@ class Scorer:
             rows = rows[~np.isin(rows, list(excluded))] if excluded else rows
             scores = self._rows(rows, added) @ user if len(rows) else np.zeros(0, np.float32)
             top = [(int(rows[j]), float(scores[j])) for j in _top_indices(scores, k)]
-        return self._recommend(h, self._merge_added(top, user, excluded, filters.allowed, k, added))
+        return self._recommend(h, self._merge_added(top, user, excluded, filters.allowed, k, added), added)
 
     def _from_ann(self, histories: list[_History], users: np.ndarray, k: int, filters: _Filters,
                   added: _Added) -> list[Recommendation]:
@@ -310,17 +314,19 @@ class Scorer:
         extra = max(len(h.seen) for h in histories) if filters.exclude_seen else 0
         allowed = None if filters.allowed is None else filters.allowed - 1  # index positions
         scores, positions = self._ann.search(users, k + extra, [i - 1 for i in filters.blocked], allowed)
+        # Items added after this call's snapshot may already be in the index: they are left out.
+        last = self.num_base + len(added.ids)
         recs = []
         for h, user, row_scores, row in zip(histories, users, scores, positions, strict=True):
             seen = h.seen if filters.exclude_seen else frozenset()
             top = [(p + 1, s) for p, s in zip(row.tolist(), row_scores.tolist(), strict=True)
-                   if p >= 0 and p + 1 not in seen][:k]
-            if len(top) < min(k, self.num_items - len(filters.blocked | seen)):
+                   if 0 <= p < last and p + 1 not in seen][:k]
+            if len(top) < min(k, last - len(filters.blocked | seen)):
                 # The filters left the index's probed part short of k items: rank on the host.
                 self.rescans += 1
                 recs.append(self._from_user(h, user, k, filters, added))
             else:
-                recs.append(self._recommend(h, top))
+                recs.append(self._recommend(h, top, added))
         return recs
 
     def _rows(self, indices: np.ndarray, added: _Added) -> np.ndarray:
@@ -347,21 +353,24 @@ class Scorer:
         # Stable sort on score alone: ties keep trained items first, then added order.
         return sorted(top + candidates, key=lambda pair: -pair[1])[:k]
 
-    def _recommend(self, h: _History, top: list[tuple[int, float]]) -> Recommendation:
-        items = [self._original_id(i) for i, _ in top]
+    def _recommend(self, h: _History, top: list[tuple[int, float]], added: _Added) -> Recommendation:
+        items = [self._original_id(i, added) for i, _ in top]
         return Recommendation(items, [s for _, s in top], h.unknown)
 
-    def _popular_items(self, h: _History, k: int, filters: _Filters) -> Recommendation:
+    def _popular_items(self, h: _History, k: int, filters: _Filters, added: _Added) -> Recommendation:
+        """A history with no known item: the trained items by training count, then the added
+        items (count 0) in the order they were added."""
         excluded = filters.blocked
         allowed = None if filters.allowed is None else set(filters.allowed.tolist())
-        top = [int(i) for i in self._popular if int(i) not in excluded and (allowed is None or int(i) in allowed)][:k]
-        return Recommendation([self._original_id(i) for i in top],
-                              self._popularity[np.array(top, np.int64) - 1].tolist(), h.unknown, "popular")
+        ranked = chain((int(i) for i in self._popular), range(self.num_base + 1, self.num_base + len(added.ids) + 1))
+        top = list(islice((i for i in ranked if i not in excluded and (allowed is None or i in allowed)), k))
+        counts = [float(self._popularity[i - 1]) if i <= self.num_base else 0.0 for i in top]
+        return Recommendation([self._original_id(i, added) for i in top], counts, h.unknown, "popular")
 
-    def _original_id(self, index: int) -> ItemId:
+    def _original_id(self, index: int, added: _Added | None = None) -> ItemId:
         if index <= self.num_base:
             return self._item_ids[index - 1]
-        return self._added.ids[index - self.num_base - 1]
+        return (added or self._added).ids[index - self.num_base - 1]
 
     def _host_table(self) -> np.ndarray:
         """The serving table [c_text, c_image] (N + 1, 2d), read the first time a history needs
@@ -390,6 +399,8 @@ class Scorer:
         image_feats float32 (n, V, F), image_mask bool (n, V); a mask left out marks every slot
         as real. A modality given neither way counts as missing for every new item. A bad image
         or id raises UserError and adds nothing."""
+        if isinstance(ids, (str, bytes)):
+            raise UserError("add_items: give a list of item ids, not one string")
         ids = list(ids)
         self._check_new_ids(ids)
         for modality, raw in (("text", texts), ("image", images)):
@@ -401,6 +412,11 @@ class Scorer:
         if texts is not None or images is not None:
             features = {**features, **self._raw.features(len(ids), self._feature_dim(), texts, images)}
         table, inputs = self.backend.encode_items(self._item_tower_feeds(len(ids), features))
+        broken = ~(np.isfinite(table).all(axis=1) & np.isfinite(inputs).all(axis=1))
+        if broken.any():
+            raise UserError(f"add_items: the item tower's vectors are not finite for "
+                            f"{', '.join(repr(ids[i]) for i in np.flatnonzero(broken)[:5])}: their features "
+                            "are out of the range the model was trained on")
         with self._write_lock:
             old = self._added
             self._check_new_ids(ids)  # again, under the lock: a concurrent add may have won
@@ -417,8 +433,10 @@ class Scorer:
     def remove_items(self, ids: Sequence[ItemId]) -> None:
         """Never recommend these items again (trained or added ones); they still count in the
         histories that hold them. An id not in the catalogue raises UserError and removes nothing."""
+        if isinstance(ids, (str, bytes)):
+            raise UserError("remove_items: give a list of item ids, not one string")
         ids = list(ids)
-        if isinstance(ids, (str, bytes)) or not ids:
+        if not ids:
             raise UserError("remove_items: give a list of item ids")
         with self._write_lock:
             indices = []
@@ -546,7 +564,10 @@ def _modality_feeds(modality: str, feats: np.ndarray | None, mask: np.ndarray | 
             raise UserError(f"add_items: {modality}_mask given without {modality}_feats")
         return {f"{modality}_feats": np.zeros((n, 1, feat_dim), np.float32),
                 f"{modality}_mask": np.zeros((n, 1), bool)}
-    feats = np.asarray(feats, dtype=np.float32)
+    feats = np.asarray(feats)
+    if feats.dtype.kind not in "fiu":
+        raise UserError(f"add_items: {modality}_feats must hold real numbers, got {feats.dtype}")
+    feats = feats.astype(np.float32, copy=False)
     if feats.ndim != 3 or feats.shape[0] != n or feats.shape[2] != feat_dim or feats.shape[1] < 1:
         raise UserError(f"add_items: {modality}_feats must have shape "
                         f"({n}, slots >= 1, {feat_dim}), got {feats.shape}")

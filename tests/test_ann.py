@@ -121,6 +121,21 @@ def test_added_and_removed_items_on_the_index(indexed):
         approx.remove_items(["nope"])
 
 
+def test_a_search_while_items_are_added_keeps_to_its_own_catalogue(indexed):
+    """add_items puts the new rows in the index, then publishes them: a search in between may
+    find a row its snapshot of the catalogue cannot name, which it must leave out."""
+    scorer = Scorer(indexed, backend="cpu")
+    batch = histories(20, seed=9)
+    before = scorer.score(batch, k=10)
+    added = scorer._added
+    # Rows the users' own vectors: each one's best possible item, in the index, not yet published.
+    users = scorer._users([scorer._prepare(h, added) for h in batch], scorer.max_len, added)
+    scorer._ann.add(users.astype(np.float32), scorer.num_items)
+    during = scorer.score(batch, k=10)
+    assert all(len(rec.items) == 10 for rec in during) and overlap(during, before, 10) >= 0.9
+    assert scorer.num_items == ITEMS
+
+
 def test_an_unreachable_target_fails_the_export_and_writes_nothing(catalogue_run, tmp_path, monkeypatch):
     from mp4sr_export.run import export
 
