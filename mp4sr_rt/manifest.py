@@ -244,6 +244,19 @@ class Manifest:
             _check(_relative(path, f"{where} {key}") in self.files, f"{where} {key}",
                    f"{path!r} is not listed in files (every file the runtime reads is hashed)")
         if self.preprocessing is not None:
+            text, image = self.preprocessing.text, self.preprocessing.image
+            _check(1 <= text.max_tokens <= 1 << 16, f"{where} preprocessing.text.max_tokens",
+                   f"expected 1 ... 65536, got {text.max_tokens}")
+            _check(text.max_sentences >= 1, f"{where} preprocessing.text.max_sentences",
+                   f"expected >= 1, got {text.max_sentences}")
+            if image is not None:
+                _check(1 <= image.image_size <= 4096, f"{where} preprocessing.image.image_size",
+                       f"expected 1 ... 4096, got {image.image_size}")
+                _check(len(image.mean) == len(image.std) == 3 and all(v > 0 for v in image.std),
+                       f"{where} preprocessing.image", "mean and std must hold 3 values each, std > 0")
+                for name in ("max_images", "words"):
+                    _check(getattr(image, name) >= 1, f"{where} preprocessing.image.{name}",
+                           f"expected >= 1, got {getattr(image, name)}")
             folder = _relative(self.preprocessing.text.tokenizer, f"{where} preprocessing.text.tokenizer")
             for name in TOKENIZER_FILES:
                 _check(f"{folder}/{name}" in self.files, f"{where} preprocessing.text.tokenizer",

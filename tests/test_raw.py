@@ -166,6 +166,28 @@ def test_artifacts_without_encoders_say_so(tiny_artifacts):
         Scorer(tiny_artifacts, backend="cpu").add_items(["x"], images=[["a.png"]])
 
 
+@pytest.mark.parametrize(("part", "key", "value", "message"), [
+    ("text", "max_tokens", -1, "text.max_tokens: expected 1 ... 65536"),
+    ("text", "max_sentences", 0, "text.max_sentences: expected >= 1"),
+    ("image", "image_size", 0, "image.image_size: expected 1 ... 4096"),
+    ("image", "image_size", 10**30, "image.image_size: expected 1 ... 4096"),
+    ("image", "mean", [], "mean and std must hold 3 values"),
+    ("image", "std", [0.5, 0.5, 0.0], "mean and std must hold 3 values each, std > 0"),
+    ("image", "words", 0, "image.words: expected >= 1"),
+    ("image", "max_images", -1, "image.max_images: expected >= 1"),
+])
+def test_preprocessing_out_of_range_is_refused(extractor_artifacts, tmp_path, part, key, value, message):
+    """Values that would crash the preprocessing, or silently drop every new item's text or images."""
+    import shutil
+
+    directory = shutil.copytree(extractor_artifacts, tmp_path / "artifacts")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["preprocessing"][part][key] = value
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        Scorer(directory, backend="cpu")
+
+
 # -- mp4sr-rt score --new-items --------------------------------------------------------------
 
 def score_cli(*args: str):

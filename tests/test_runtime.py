@@ -209,6 +209,29 @@ def test_a_malformed_manifest_is_refused_naming_the_key(artifacts_copy, change, 
         Scorer(artifacts_copy, backend="cpu")
 
 
+def test_a_manifest_promising_what_the_model_lacks_is_refused(artifacts_copy):
+    """The manifest cannot hash itself: one edited to declare a larger top K (its output shapes
+    edited to match) must still agree with the graph it describes."""
+    def larger_top_k(m):
+        k = m["top_k"] * 2
+        m["top_k"] = k
+        for output in m["models"]["scorer"]["outputs"]:
+            if output["name"] in ("scores", "items"):
+                output["shape"] = ["batch", k]
+    rewrite_manifest(artifacts_copy, larger_top_k)
+    with pytest.raises(ArtifactError, match=r"scorer.onnx: 'scores' is tensor\(float\) \['batch', \d+\] in the model"):
+        Scorer(artifacts_copy, backend="cpu")
+
+
+def test_a_max_len_the_model_cannot_take_is_an_artifact_error(artifacts_copy, item_ids):
+    """A manifest promising longer histories than the model's positions: onnxruntime's failure
+    names the model instead of ending in a traceback."""
+    max_len = json.loads((artifacts_copy / MANIFEST).read_text())["max_len"]
+    rewrite_manifest(artifacts_copy, _set("max_len", max_len + 9))
+    with pytest.raises(ArtifactError, match="scorer.onnx: onnxruntime failed on inputs of shapes"):
+        Scorer(artifacts_copy, backend="cpu").score([item_ids[: max_len + 9]], k=5)
+
+
 def test_files_edited_and_rehashed_are_checked_for_what_they_hold(artifacts_copy):
     """A listed file whose hash was updated is still read with care: no pickles, the manifest's
     shape and dtype, a well-formed vocabulary."""
@@ -337,6 +360,30 @@ def test_no_known_item_falls_back_to_popular(scorer, tiny_artifacts):
         assert [counts[i] for i in rec.items] == rec.scores
 
 
+def test_popular_fallback_reaches_added_items(tiny_artifacts, ckpt, item_ids):
+    """A history with no known item ranks the trained items by count, then the added ones: an
+    allow-list of new items and a k of the whole catalogue are answered in full."""
+    runtime = Scorer(tiny_artifacts, backend="cpu")
+    runtime.add_items(["new-a", "new-b"], **new_features(ckpt.model.feat_dim, 2, seed=8))
+    runtime.remove_items([item_ids[0]])
+    rec = runtime.score([["nobody"]], k=5, allow=["new-b", "new-a", item_ids[0]])[0]
+    assert (rec.items, rec.scores, rec.fallback) == (["new-a", "new-b"], [0.0, 0.0], "popular")
+    everything = runtime.score([[]], k=runtime.num_items)[0]
+    assert len(everything.items) == runtime.num_items - 1 and everything.items[-2:] == ["new-a", "new-b"]
+
+
+@pytest.mark.parametrize("call", ["score", "add_items", "remove_items"])
+def test_one_string_where_a_list_of_ids_belongs_is_refused(scorer, item_ids, call):
+    """"item12" must not become the items "i", "t", "e", ... (nor "12" the items "1" and "2")."""
+    before = (scorer.num_items, scorer.removed)
+    with pytest.raises(UserError, match="not one string"):
+        if call == "score":
+            scorer.score([item_ids[3]], k=5)
+        else:
+            getattr(scorer, call)(item_ids[3])
+    assert (scorer.num_items, scorer.removed) == before
+
+
 def test_exclude_seen_beyond_the_scorers_top_k(scorer, ckpt, item_ids):
     """More seen items than the scorer's top K leaves: the host ranks the whole catalogue."""
     history = item_ids[: scorer.top_k + 5]
@@ -460,6 +507,26 @@ def test_add_items_rejects_non_finite_features(scorer):
     feats["image_feats"][0, 0, 0] = np.nan
     with pytest.raises(UserError, match="image_feats holds NaN"):
         scorer.add_items(["x"], **feats)
+    feats = new_features(scorer._feature_dim(), 1, seed=0)
+    with pytest.raises(UserError, match="must hold real numbers, got <U"):
+        scorer.add_items(["x"], **{**feats, "text_feats": feats["text_feats"].astype(str)})
+
+
+def test_add_items_refuses_items_the_tower_cannot_represent(tiny_artifacts, monkeypatch):
+    """Finite features can still overflow the item tower (an fp16 export turns text_feats of
+    1e38 into NaN rows): such an item is refused, never served with NaN scores."""
+    runtime = Scorer(tiny_artifacts, backend="cpu")
+    encode = runtime.backend.encode_items
+
+    def overflowing(feeds):
+        table, inputs = encode(feeds)
+        table[1] = np.nan
+        return table, inputs
+
+    monkeypatch.setattr(runtime.backend, "encode_items", overflowing)
+    with pytest.raises(UserError, match="not finite for 'y'"):
+        runtime.add_items(["x", "y"], **new_features(runtime._feature_dim(), 2, seed=0))
+    assert runtime.num_items == runtime.num_base
 
 
 # -- micro-batcher ---------------------------------------------------------------------------

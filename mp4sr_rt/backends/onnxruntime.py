@@ -70,25 +70,56 @@ class OrtBackend:
         options.intra_op_num_threads = self.threads
         path = self.directory / model.file
         try:
-            return ort.InferenceSession(str(path), options, providers=providers,
-                                        disabled_optimizers=list(self.disabled_optimizers))
+            session = ort.InferenceSession(str(path), options, providers=providers,
+                                           disabled_optimizers=list(self.disabled_optimizers))
         except Exception as e:  # onnxruntime raises its own exception types, not exported stably
             raise ArtifactError(f"{path}: onnxruntime cannot load it ({e})") from None
+        _check_io(path, model, session)
+        return session
+
+    def _run(self, role: str, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session(role).run(outputs, feeds)
+        except _ORT_ERRORS as e:  # inputs the runtime checked: the model and its manifest disagree
+            raise ArtifactError(f"{self.directory / self.manifest.models[role].file}: onnxruntime failed on "
+                                f"inputs of shapes {[v.shape for v in feeds.values()]} ({e})") from None
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        scores, items, user, *bound = self.session("scorer").run(self.scorer_outputs, {"ids": ids})
+        scores, items, user, *bound = self._run("scorer", self.scorer_outputs, {"ids": ids})
         return scores, items, user, (bound[0] if bound else None)
 
     def encode_history(self, inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        feeds = {"inputs": inputs, "lengths": lengths}
-        return self.session("history_encoder").run(["user"], feeds)[0]
+        return self._run("history_encoder", ["user"], {"inputs": inputs, "lengths": lengths})[0]
 
     def encode_items(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        table, inputs = self.session("item_tower").run(["table", "inputs"], feeds)
+        table, inputs = self._run("item_tower", ["table", "inputs"], feeds)
         return table, inputs
 
     def embed(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session(role).run(["vectors"], feeds)[0]
+        return self._run(role, ["vectors"], feeds)[0]
+
+
+_state = ort.capi.onnxruntime_pybind11_state
+_ORT_ERRORS = (_state.Fail, _state.InvalidArgument, _state.RuntimeException)
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)", "bool": "tensor(bool)"}
+
+
+def _check_io(path: Path, model: Any, session: ort.InferenceSession) -> None:
+    """The graph's inputs and outputs against those the manifest declares for it: a manifest
+    edited by hand (its own file is not hashed) cannot promise a top K or a width the model
+    does not have."""
+    actual = {t.name: t for t in (*session.get_inputs(), *session.get_outputs())}
+    for spec in (*model.inputs, *model.outputs):
+        tensor = actual.get(spec.name)
+        if tensor is None:
+            raise ArtifactError(f"{path}: the manifest declares {spec.name!r}, the model has no such input or output")
+        dtype = _ORT_TYPES.get(spec.dtype)
+        fixed = [(j, d) for j, d in enumerate(spec.shape) if isinstance(d, int)]
+        if (dtype is not None and tensor.type != dtype) or len(tensor.shape) != len(spec.shape) or \
+                any(tensor.shape[j] != d for j, d in fixed):
+            raise ArtifactError(f"{path}: {spec.name!r} is {tensor.type} {list(tensor.shape)} in the model, "
+                                f"{spec.dtype} {list(spec.shape)} in the manifest")
 
 
 class CpuBackend(OrtBackend):
