@@ -148,3 +148,26 @@ def test_responses_pad_short_rows():
     assert out["scores"].tolist() == [[2.0, 1.0], [0.5, 0.0]]
     assert out["unknown_items"].tolist() == [[b""], [b"zz"]]
     assert out["fallback"].tolist() == [[b""], [b"popular"]]
+
+
+def test_catalogue_add_refuses_bad_feature_files_and_commits_nothing(directory, tmp_path):
+    from typer.testing import CliRunner
+
+    from mp4sr_cli import app
+
+    dim = Scorer(directory, backend="cpu").manifest.features.dim
+    good = features(1, dim)
+    np.save(tmp_path / "one.npy", good["text_feats"])
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip archive")
+    np.savez(tmp_path / "bytes-ids.npz", ids=np.array([b"n1"]), **good)
+    np.savez(tmp_path / "padded-id.npz", ids=np.array([" n1"]), **good)
+    np.savez(tmp_path / "text-feats.npz", ids=np.array(["n1"]),
+             **{**good, "text_feats": good["text_feats"].astype(str)})
+    cases = {"one.npy": "expected an .npz of named arrays", "garbage.npz": "not a readable .npz file",
+             "bytes-ids.npz": "'ids' of strings or integers", "padded-id.npz": "leading or trailing spaces",
+             "text-feats.npz": "text_feats must hold real numbers"}
+    for name, message in cases.items():
+        result = CliRunner().invoke(app, ["catalogue", "add", str(directory), "--features", str(tmp_path / name)])
+        assert result.exit_code == 2 and message in result.stderr, (name, result.output)
+    assert not (directory / "catalogue").exists() and Scorer(directory, backend="cpu").num_items == \
+        Scorer(directory, backend="cpu").num_base

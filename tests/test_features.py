@@ -334,3 +334,13 @@ def test_cli_writes_features_beside_the_data(tmp_path, tiny_data_dir, bert_dir, 
 
     bad = CliRunner().invoke(app, [*args[:3], "--text-encoder", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "error: text encoder" in bad.stderr
+
+    # --out never overwrites what is not a features file (the data's own items.jsonl, a folder);
+    # an earlier extraction's output is replaced.
+    items = (data / "items.jsonl").read_bytes()
+    for target, message in ((data / "items.jsonl", "is not a features file"), (data, "is not a file")):
+        refused = CliRunner().invoke(app, [*args, "--out", str(target)])
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output
+    assert (data / "items.jsonl").read_bytes() == items
+    again = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 0 and read_features(out).text_feats.shape[0] > 0

@@ -89,6 +89,11 @@ def test_cli_train_tiny_then_refuses_to_clobber(tiny_data_dir, tmp_path):
     assert refused.returncode == 2 and "different config" in refused.stderr
 
 
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    r = run_cli("train", "--out", tmp_path / "run", "--preset", "tiny", "--resume", "--overwrite")
+    assert r.returncode == 2 and "choose one" in r.stderr and not (tmp_path / "run").exists()
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
     from mp4sr_train import loop
     from mp4sr_train.run import train

@@ -122,6 +122,8 @@ def train(
 ) -> dict[str, Any]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite discards it: choose one")
     dev = resolve_device(device)
     world = World.from_environment(dev)  # a single process, or one rank under torchrun
     try:

@@ -13,8 +13,9 @@ import re
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -107,8 +108,6 @@ def catalogue_add(
                            "image_feats, image_mask (as add_items takes them).")] = None,
 ) -> None:
     """Add items: recommendable and usable in histories at once, by this and every running server."""
-    import numpy as np
-
     from mp4sr_rt import catalogue
     from mp4sr_rt.commands.score import add_new_items
     from mp4sr_rt.scorer import Scorer
@@ -119,17 +118,32 @@ def catalogue_add(
     if items is not None:
         version = catalogue.update(scorer, lambda s: add_new_items(s, items))
     else:
-        try:
-            with np.load(features, allow_pickle=False) as f:
-                arrays = {name: f[name] for name in f.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{features}: not a readable .npz without pickles ({e})") from None
-        if "ids" not in arrays or arrays["ids"].ndim != 1:
-            raise UserError(f"{features}: needs a 1-d array 'ids'")
-        ids = [str(i) for i in arrays.pop("ids").tolist()]
+        ids, arrays = _read_new_features(features)
         version = catalogue.update(scorer, lambda s: s.add_items(ids, **arrays))
     print(f"catalogue version {version}: {scorer.num_items} items, {len(scorer.removed)} removed",
           file=sys.stderr)
+
+
+def _read_new_features(path: Path) -> tuple[list[str], dict[str, Any]]:
+    """(ids, feature arrays) of a `catalogue add --features` file, checked."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{path}: one array (.npy); expected an .npz of named arrays: ids, text_feats, ...")
+        with loaded as f:
+            arrays = {name: f[name] for name in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    ids = arrays.pop("ids", None)
+    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "Uiu":
+        raise UserError(f"{path}: needs a 1-d array 'ids' of strings or integers")
+    keys = [str(i) for i in ids.tolist()]
+    bad = next((k for k in keys if not k or k != k.strip()), None)
+    if bad is not None:
+        raise UserError(f"{path}: item id {bad!r} is empty or has leading or trailing spaces")
+    return keys, arrays
 
 
 @catalogue_app.command("remove")

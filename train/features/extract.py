@@ -26,7 +26,7 @@ import numpy as np
 from mp4sr_train.data.types import ItemInfo, RawData
 from mp4sr_train.features.cache import FeatureCache, content_key, default_cache_dir
 from mp4sr_train.features.image import PROMPT, Clip, build_vocabulary
-from mp4sr_train.features.store import FLOAT_DTYPES, write_features_in_blocks
+from mp4sr_train.features.store import FLOAT_DTYPES, check_replaceable, write_features_in_blocks
 from mp4sr_train.features.text import TextEncoder
 from tqdm import tqdm
 
@@ -109,6 +109,7 @@ def extract_features(
         raise UserError(
             f"--image-tokens and --batch-size must be >= 1, got {image_tokens} and {batch_size}"
         )
+    check_replaceable(Path(out_file))
     infos = raw.item_info.values()
     if not any(info.sentences for info in infos):
         raise UserError(

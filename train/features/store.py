@@ -100,6 +100,24 @@ def write_features_in_blocks(
     atomic_write(path, write)
 
 
+def check_replaceable(path: Path) -> None:
+    """`path` may receive a features file: it does not exist, or it is one (an earlier
+    extraction's output). Anything else there, the user's data included, is never overwritten."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise UserError(f"--out {path}: exists and is not a file")
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            ok = 0 < length <= min(path.stat().st_size - 8, 100 << 20) and \
+                json.loads(f.read(length)).get("__metadata__", {}).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--out {path}: exists and is not a features file; remove it or choose another path")
+
+
 def read_features(path: str | Path) -> FeatureArrays:
     from safetensors import safe_open
 
