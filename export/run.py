@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -122,11 +123,32 @@ def staging_dir(dest: Path) -> Iterator[Path]:
     """A temporary directory beside `dest` (same filesystem, so the final rename is atomic),
     removed on exit unless it was published (renamed) by then."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_stale(dest)
+    path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale(dest: Path) -> None:
+    """Remove what exports killed before they finished left beside `dest`: staging and moved-aside
+    directories named after a process that no longer runs (a running export keeps its own)."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(?:(\d+)\..*\.tmp|old-(\d+))")
+    for path in dest.parent.glob(f".{dest.name}.*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _running(int(match[1] or match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def publish(staging: Path, dest: Path) -> None:

@@ -281,6 +281,23 @@ def test_refuses_to_replace_a_foreign_directory(tiny_run, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_what_killed_exports_left_beside_the_output_is_removed(tmp_path):
+    """A killed export leaves its staging (or moved-aside) directory: the next export to the same
+    --out removes those of processes no longer running, and nothing else."""
+    import os
+
+    from mp4sr_export.run import remove_stale
+
+    dead = 999_999_999  # above any pid_max: never a running process
+    names = {f".artifacts.{dead}.abc.tmp": False, f".artifacts.old-{dead}": False,
+             f".artifacts.{os.getpid()}.abc.tmp": True, ".artifacts.notes": True, f".other.{dead}.abc.tmp": True}
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scorer.onnx").write_bytes(b"partial")
+    remove_stale(tmp_path / "artifacts")
+    assert {name: (tmp_path / name).exists() for name in names} == names
+
+
 def test_parity_failure_exits_non_zero_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
     import mp4sr_export.run as export_run
     from mp4sr_export import parity

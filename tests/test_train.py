@@ -11,6 +11,8 @@ import pytest
 from mp4sr_train import config as config_lib
 from mp4sr_train.config import preset
 
+from mp4sr_rt.errors import UserError
+
 CLI = [sys.executable, "-m", "mp4sr_cli"]
 
 
@@ -87,6 +89,29 @@ def test_cli_train_tiny_then_refuses_to_clobber(tiny_data_dir, tmp_path):
     (out / "run.json").write_text(json.dumps(stored))
     refused = run_cli(*args, "--resume")
     assert refused.returncode == 2 and "different config" in refused.stderr
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: [], "expected a JSON object, got list"),
+    (lambda m: {**m, "features": None}, "features: expected an object"),
+    (lambda m: {**m, "config": []}, "config: expected dict"),
+    (lambda m: {**m, "item_ids": "abc"}, "item_ids: expected list"),
+    (lambda m: {**m, "item_ids": m["item_ids"][:-1]}, "item_ids: expected \\d+ distinct"),
+    (lambda m: {**m, "item_ids": [m["item_ids"][0], *m["item_ids"][:-1]]}, "item_ids: expected \\d+ distinct"),
+    (lambda m: {**m, "train_counts": [-1] * len(m["train_counts"])}, "train_counts: expected \\d+ counts >= 0"),
+    (lambda m: {**m, "stage": "bogus"}, "stage: expected pretrain or finetune"),
+    (lambda m: {**m, "num_items": True}, "num_items: expected a positive integer"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_damaged_checkpoint_sidecar_is_named(tiny_run, tmp_path, change, message):
+    import shutil
+
+    from mp4sr_train.checkpoint import load_checkpoint
+
+    ckpt = shutil.copytree(tiny_run / "checkpoint", tmp_path / "checkpoint")
+    sidecar = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(change(sidecar)))
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(ckpt)
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):

@@ -69,6 +69,34 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
     write_json_atomic(directory / "config.json", sidecar)
 
 
+def _check_sidecar(meta: Any, path: Path) -> None:
+    """The sidecar's keys, types and sizes, so that a damaged one is named, not a traceback."""
+    def fail(message: str) -> None:
+        raise UserError(f"checkpoint {path}: {message}")
+
+    if not isinstance(meta, dict):
+        fail(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("schema") != SCHEMA:
+        fail(f"schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+    types = {"config": dict, "feat_dim": int, "num_items": int, "has_id_embedding": bool, "item_ids": list}
+    for key, kind in types.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+            fail(f"{key}: expected {'a positive integer' if kind is int else kind.__name__}, got {value!r:.60}")
+    ids, n = meta["item_ids"], meta["num_items"]
+    if len(ids) != n or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids) or \
+            len({str(i) for i in ids}) != n:
+        fail(f"item_ids: expected {n} distinct strings or integers")
+    counts = meta.get("train_counts")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != n + 1 or any(
+            not isinstance(c, (int, float)) or isinstance(c, bool) or not c >= 0 for c in counts)):
+        fail(f"train_counts: expected {n + 1} counts >= 0")
+    if meta.get("stage", "finetune") not in ("pretrain", "finetune"):
+        fail(f"stage: expected pretrain or finetune, got {meta.get('stage')!r}")
+    if not isinstance(meta.get("features", {}), dict):
+        fail("features: expected an object")
+
+
 def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
     directory = Path(directory)
     sidecar_path = directory / "config.json"
@@ -78,9 +106,11 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> Checkpoint:
         meta = json.loads(sidecar_path.read_text())
     except ValueError as e:
         raise UserError(f"checkpoint sidecar {sidecar_path} is not valid JSON: {e}") from None
-    if meta.get("schema") != SCHEMA:
-        raise UserError(f"checkpoint {sidecar_path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-    cfg = config_lib.from_dict(config_lib.upgrade(meta["config"]))  # settings added since: as it trained
+    _check_sidecar(meta, sidecar_path)
+    try:
+        cfg = config_lib.from_dict(config_lib.upgrade(meta["config"]))  # settings added since: as it trained
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"checkpoint {sidecar_path}: config: {e}") from None
     model = M2SE(cfg.model, meta["feat_dim"])
     try:
         tensors = load_file(str(directory / "model.safetensors"), device=device)
