@@ -442,5 +442,7 @@ def load_array(path: Path, dtype: str, shape: tuple[int | None, ...], mmap: bool
 def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None

@@ -62,6 +62,9 @@ class Recommendation:
     fallback: str | None = None
 
 
+REFRESH_ATTEMPTS = 5  # catalogue versions read in a row while newer ones keep replacing them
+
+
 @dataclass(frozen=True)
 class _Added:
     """Items added at serve time, rows N + 1 ... N + M. Replaced whole by add_items, never
@@ -453,21 +456,30 @@ class Scorer:
         """Take up the newest catalogue version on disk if it is not the one in use (a stat of
         manifest.json when nothing changed); `force`: reload it in any case, dropping changes
         made in memory only. True when a version was loaded."""
-        key = _stat_key(self.directory / MANIFEST)
-        if key == self._manifest_key and not force:
-            return False
-        with self._write_lock:
-            manifest = load_manifest(self.directory)
-            catalogue_files = {path for path, _ in manifest.catalogue_files()}
-            previous = {path for path, _ in self.manifest.catalogue_files()}
-            base = {k: v for k, v in manifest.files.items() if k not in catalogue_files}
-            if base != {k: v for k, v in self.manifest.files.items() if k not in previous}:
-                raise ArtifactError(f"{self.directory}: the exported models changed under a running "
-                                    "scorer; start it again to serve them")
-            verify_files(self.directory, manifest, catalogue_files)
-            self._apply_catalogue(manifest, force)
-            self.manifest, self._manifest_key = manifest, key
-        return True
+        path = self.directory / MANIFEST
+        for attempt in range(REFRESH_ATTEMPTS):
+            key = _stat_key(path)
+            if key == self._manifest_key and not force:
+                return False
+            try:
+                with self._write_lock:
+                    manifest = load_manifest(self.directory)
+                    catalogue_files = {path for path, _ in manifest.catalogue_files()}
+                    previous = {path for path, _ in self.manifest.catalogue_files()}
+                    base = {k: v for k, v in manifest.files.items() if k not in catalogue_files}
+                    if base != {k: v for k, v in self.manifest.files.items() if k not in previous}:
+                        raise ArtifactError(f"{self.directory}: the exported models changed under a running "
+                                            "scorer; start it again to serve them")
+                    verify_files(self.directory, manifest, catalogue_files)
+                    self._apply_catalogue(manifest, force)
+                    self.manifest, self._manifest_key = manifest, key
+                return True
+            except (ArtifactError, OSError):
+                # Versions are kept two deep: two commits while this one was read may have removed
+                # its files. Read the newest one instead; a version damaged on its own still fails.
+                if _stat_key(path) == key or attempt == REFRESH_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def catalogue_state(self) -> tuple[list[ItemId], np.ndarray | None, np.ndarray | None, list[ItemId]]:
         """(added ids, their serving rows, their sequence-input vectors, removed ids): what

@@ -53,6 +53,29 @@ def test_versions_persist_are_taken_up_by_refresh_and_keep_one_version_back(dire
     assert manifest.catalogue.version == 3 and manifest.catalogue.added == 3 and manifest.catalogue.removed == 2
 
 
+def test_a_reader_whose_version_is_removed_while_it_reads_takes_the_newest(directory, monkeypatch):
+    """Versions are kept two deep: a server reading version 1 while two more are committed finds
+    its files gone, and must serve version 3 rather than fail its requests."""
+    import mp4sr_rt.scorer as scorer_module
+
+    writer, reader = Scorer(directory), Scorer(directory)
+    dim = writer.manifest.features.dim
+    catalogue.update(writer, lambda s: s.add_items(["n1"], **features(1, dim)))
+    verify = scorer_module.verify_files
+    fired = []
+
+    def verify_after_two_commits(directory_, manifest, files):
+        if not fired:  # the reader's first read: versions 2 and 3 land meanwhile, version 1 goes
+            fired.append(manifest.catalogue.version)
+            for v in (2, 3):
+                catalogue.update(writer, lambda s, v=v: s.add_items([f"n{v}"], **features(1, dim, v)))
+        return verify(directory_, manifest, files)
+
+    monkeypatch.setattr(scorer_module, "verify_files", verify_after_two_commits)
+    assert reader.refresh() and fired == [1] and reader.manifest.catalogue.version == 3
+    assert reader.score([["n3"]], k=3) == Scorer(directory).score([["n3"]], k=3)
+
+
 def test_a_change_that_fails_commits_nothing_and_restores_the_scorer(directory):
     scorer = Scorer(directory)
     dim = scorer.manifest.features.dim

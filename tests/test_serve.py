@@ -481,6 +481,33 @@ def test_sigterm_finishes_the_requests_in_flight(artifacts, tmp_path):
     assert served.process.wait(60) == 0
 
 
+def test_sigterm_while_starting_stops_and_leaves_nothing(artifacts, tmp_path):
+    """SIGTERM once tritonserver runs but before it serves: serve stops it, removes its model
+    repository and work directory, and exits 0."""
+    log, scratch = tmp_path / "serve.log", tmp_path / "tmp"
+    scratch.mkdir()
+    http, grpc, metrics = free_ports()
+    process = subprocess.Popen([str(serve_python()), "-m", "mp4sr_cli", "serve", str(artifacts), "--http-port",
+                                str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                               stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT,
+                               env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while not any("tritonserver" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+                  for p in descendants(process.pid) if Path(f"/proc/{p}/cmdline").exists()):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    assert b"serving " not in log.read_bytes()  # still loading its models
+    children = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(90) == 0, log.read_text()[-3000:]
+    assert "stopped before the server was ready" in log.read_text()
+    assert not list(scratch.iterdir())
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in children):
+        assert time.monotonic() < deadline, "tritonserver outlived serve"
+        time.sleep(0.1)
+
+
 def test_a_server_killed_during_catalogue_updates_leaves_the_old_or_the_new_version(artifacts, tmp_path):
     from mp4sr_rt.scorer import Scorer
 

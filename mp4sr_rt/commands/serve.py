@@ -10,17 +10,22 @@ Protocol), and `mp4sr-rt catalogue add|remove`: catalogue changes committed to t
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mp4sr_rt.commands import user_errors
 from mp4sr_rt.errors import UserError
+
+if TYPE_CHECKING:
+    from mp4sr_rt.serving.repository import ServeOptions
+    from mp4sr_rt.serving.server import Ports
 
 DEFAULT_ARTIFACTS = Path("mp4sr-out/artifacts")
 BACKENDS = ("auto", "cpu", "cuda")
@@ -62,9 +67,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", help="Triton's log on the terminal.")] = False,
 ) -> None:
     """Serve recommendations over HTTP and gRPC on Triton Inference Server until SIGTERM or Ctrl-C."""
-    from mp4sr_rt.manifest import verify_artifacts
-    from mp4sr_rt.serving.repository import ServeOptions, artifacts_path, write_models
-    from mp4sr_rt.serving.server import Ports, TritonServer, distribution
+    from mp4sr_rt.serving.repository import ServeOptions
+    from mp4sr_rt.serving.server import Ports, distribution
 
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -72,12 +76,34 @@ def serve(
     if len(set(vars(ports).values())) != 3:
         raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
     distribution()  # fail before any work if Triton is not installed
+    # Until the server serves (TritonServer.wait forwards it from then on), SIGTERM stops like
+    # Ctrl-C: the with-blocks below unwind, removing the server and its temporary files.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _serve(artifacts, repository, ports, ServeOptions(max_batch, max_delay_ms, max_queue, backend, instances,
+                                                          threads), verbose)
+    except KeyboardInterrupt:
+        print("stopped before the server was ready", file=sys.stderr)
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("stopped", file=sys.stderr)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(artifacts: Path, repository: Path | None, ports: Ports, options: ServeOptions, verbose: bool) -> None:
+    from mp4sr_rt.manifest import verify_artifacts
+    from mp4sr_rt.serving.repository import artifacts_path, write_models
+    from mp4sr_rt.serving.server import TritonServer
+
     with tempfile.TemporaryDirectory(prefix="mp4sr-repository-") as temporary:
         if repository is None:
             manifest = verify_artifacts(artifacts)
             repository = Path(temporary)
-            models = write_models(repository, artifacts_path(artifacts), manifest,
-                                  ServeOptions(max_batch, max_delay_ms, max_queue, backend, instances, threads))
+            models = write_models(repository, artifacts_path(artifacts), manifest, options)
         else:
             models = python_models(repository)
         start = time.perf_counter()
@@ -89,7 +115,6 @@ def serve(
             status = server.wait()
             if status != 0:
                 raise UserError(f"tritonserver exited with status {status}:\n{server.log_tail()}")
-    print("stopped", file=sys.stderr)
 
 
 catalogue_app = typer.Typer(help="Add or remove catalogue items; the change persists in the artifacts.",

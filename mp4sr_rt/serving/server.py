@@ -122,13 +122,17 @@ class TritonServer:
         return cmd
 
     def start(self) -> TritonServer:
-        dist = distribution()
-        backends = prepare_backends(dist, self._workdir)
-        self._log_file = open(self.log, "ab")
-        out = None if self.verbose else self._log_file
-        self.process = subprocess.Popen(self.command(dist, backends), env=environment(dist), stdout=out,
-                                        stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+        try:
+            dist = distribution()
+            backends = prepare_backends(dist, self._workdir)
+            self._log_file = open(self.log, "ab")
+            out = None if self.verbose else self._log_file
+            self.process = subprocess.Popen(self.command(dist, backends), env=environment(dist), stdout=out,
+                                            stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        except BaseException:  # a `with` never entered never exits: clean up here (Ctrl-C, SIGTERM too)
+            self.close()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
