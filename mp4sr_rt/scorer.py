@@ -373,7 +373,7 @@ class Scorer:
     def _original_id(self, index: int, added: _Added | None = None) -> ItemId:
         if index <= self.num_base:
             return self._item_ids[index - 1]
-        return (added or self._added).ids[index - self.num_base - 1]
+        return (self._added if added is None else added).ids[index - self.num_base - 1]
 
     def _host_table(self) -> np.ndarray:
         """The serving table [c_text, c_image] (N + 1, 2d), read the first time a history needs
