@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from mp4sr_rt.backends import MAX_BATCH, BackendUnavailable
 from mp4sr_rt.errors import ArtifactError
-from mp4sr_rt.manifest import Manifest
+from mp4sr_rt.manifest import Manifest, Model
 
 SCORER_OUTPUTS = ("scores", "items", "user")
 BOUND = "bound"  # the scorer's fourth output with an int8 catalogue scan (export/int8_scan.py)
@@ -105,7 +105,7 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
               "int32": "tensor(int32)", "bool": "tensor(bool)"}
 
 
-def _check_io(path: Path, model: Any, session: ort.InferenceSession) -> None:
+def _check_io(path: Path, model: Model, session: ort.InferenceSession) -> None:
     """The graph's inputs and outputs against those the manifest declares for it: a manifest
     edited by hand (its own file is not hashed) cannot promise a top K or a width the model
     does not have."""
