@@ -100,6 +100,16 @@ def write_features_in_blocks(
     atomic_write(path, write)
 
 
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and its length in bytes (ValueError if implausible)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(size - 8, 100 << 20):
+            raise ValueError(f"header length {length} in a file of {size} bytes")
+        return json.loads(f.read(length)), length
+
+
 def check_replaceable(path: Path) -> None:
     """`path` may receive a features file: it does not exist, or it is one (an earlier
     extraction's output). Anything else there, the user's data included, is never overwritten."""
@@ -108,10 +118,7 @@ def check_replaceable(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"--out {path}: exists and is not a file")
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            ok = 0 < length <= min(path.stat().st_size - 8, 100 << 20) and \
-                json.loads(f.read(length)).get("__metadata__", {}).get("schema") == SCHEMA
+        ok = (_header(path)[0].get("__metadata__") or {}).get("schema") == SCHEMA
     except (OSError, ValueError, AttributeError):
         ok = False
     if not ok:
@@ -146,11 +153,7 @@ def map_features(path: str | Path) -> FeatureArrays:
         raise UserError(f"features file not found: {path}")
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= min(size - 8, 100 << 20):
-                raise ValueError(f"header length {length} in a file of {size} bytes")
-            header = json.loads(f.read(length))
+        header, length = _header(path)
         meta = dict(header.pop("__metadata__", None) or {})
         missing = [k for k in TENSORS if k not in header]
         if missing:
